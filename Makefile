@@ -1,0 +1,26 @@
+# kho-fleet: `make demo` (a rollout on the simulated fleet) and `make test` (the whole suite).
+# Both bootstrap what they need first (Debian packages when root, a virtualenv, pip packages).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bootstrapped
+
+.PHONY: all bootstrap test demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	VENV=$(VENV) bash scripts/bootstrap.sh
+
+bootstrap: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m kho_fleet.demo
+
+bench: $(STAMP)
+	$(PY) bench/radix_walk.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,118 @@
+"""memfd preservation through LUO (`memfd-v2`): the file's size, seals and folio PFNs.
+
+Mirrors include/linux/kho/abi/memfd.h and memfd_luo_preserve() in mm/memfd_luo.c:
+struct memfd_luo_ser {u64 pos; u64 size; u32 seals; u32 flags; u64 nr_folios;
+struct kho_vmalloc folios} (packed), the vmalloc'ed array holding struct
+memfd_luo_folio_ser {u64 pfn:52, flags:12; u64 index} per folio.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .memory import Reader
+from .vmalloc import KHO_VMALLOC, KhoVmalloc, read_vmalloc, write_vmalloc
+
+__all__ = ["COMPATIBLE", "MEMFD_SER", "FOLIO_SER", "FOLIO_DIRTY", "FOLIO_UPTODATE",
+           "MemfdFolio", "Memfd", "decode_memfd_ser", "read_memfd", "encode_memfd_ser",
+           "write_memfd", "folio_pfns"]
+
+COMPATIBLE = "memfd-v2"                       # MEMFD_LUO_FH_COMPATIBLE
+MEMFD_SER = struct.Struct("<QQIIQ")          # + struct kho_vmalloc (16 bytes): 48 packed
+MEMFD_SER_SIZE = MEMFD_SER.size + KHO_VMALLOC.size
+FOLIO_SER = struct.Struct("<QQ")
+FOLIO_DIRTY = 1 << 0                          # MEMFD_LUO_FOLIO_DIRTY
+FOLIO_UPTODATE = 1 << 1                       # MEMFD_LUO_FOLIO_UPTODATE
+_PFN_MASK = (1 << 52) - 1
+_MAX_FOLIOS = 1 << 32                          # memfd_pin_folios() caps at UINT_MAX
+
+
+@dataclass(frozen=True)
+class MemfdFolio:
+    """One preserved folio: its PFN, flags (DIRTY, UPTODATE), and page offset in the file."""
+
+    pfn: int
+    flags: int
+    index: int
+
+
+@dataclass
+class Memfd:
+    """A decoded memfd_luo_ser plus its folio list (empty if it could not be read)."""
+
+    pos: int
+    size: int
+    seals: int
+    flags: int
+    nr_folios: int
+    folios_desc: KhoVmalloc
+    folios: list[MemfdFolio] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "pos": self.pos, "size": self.size, "seals": self.seals, "flags": self.flags,
+            "nr_folios": self.nr_folios,
+            "folios": [[f.pfn, f.index, f.flags] for f in self.folios],
+            "errors": list(self.errors),
+        }
+
+
+def decode_memfd_ser(raw: bytes) -> Memfd:
+    """Decode the 48-byte struct memfd_luo_ser (folio list not followed)."""
+    if len(raw) < MEMFD_SER_SIZE:
+        raise ValueError(f"memfd_luo_ser needs {MEMFD_SER_SIZE} bytes, got {len(raw)}")
+    pos, size, seals, flags, nr = MEMFD_SER.unpack_from(raw, 0)
+    return Memfd(pos, size, seals, flags, nr, KhoVmalloc.unpack(raw[MEMFD_SER.size:]))
+
+
+def read_memfd(read: Reader, ser_pa: int, page_size: int) -> Memfd:
+    """Read the memfd_luo_ser at `ser_pa` and its folio array; errors are collected."""
+    m = decode_memfd_ser(read(ser_pa, MEMFD_SER_SIZE))
+    if m.nr_folios == 0:
+        return m
+    if m.nr_folios > _MAX_FOLIOS or m.nr_folios > m.folios_desc.total_pages * page_size // FOLIO_SER.size + 1:
+        m.errors.append(f"nr_folios {m.nr_folios} does not fit the folio array "
+                        f"({m.folios_desc.total_pages} pages)")
+        return m
+    raw, errors = read_vmalloc(read, m.folios_desc, page_size, m.nr_folios * FOLIO_SER.size)
+    m.errors += errors
+    for off in range(0, len(raw) - FOLIO_SER.size + 1, FOLIO_SER.size):
+        word, index = FOLIO_SER.unpack_from(raw, off)
+        m.folios.append(MemfdFolio(word & _PFN_MASK, word >> 52, index))
+    return m
+
+
+def encode_memfd_ser(pos: int, size: int, seals: int, flags: int, nr_folios: int,
+                     folios: KhoVmalloc) -> bytes:
+    """The packed struct memfd_luo_ser."""
+    return MEMFD_SER.pack(pos, size, seals, flags, nr_folios) + folios.pack()
+
+
+def write_memfd(size: int, folios: Sequence[MemfdFolio], page_size: int,
+                alloc: Callable[[], int], write: Callable[[int, bytes], None], *,
+                pos: int = 0, seals: int = 0) -> tuple[int, list[tuple[int, int]]]:
+    """Serialise a memfd as memfd_luo_preserve() does; folio data pages are the caller's.
+
+    Returns (phys of memfd_luo_ser, [(pa, order)] to preserve: the ser page and the
+    folio-array vmalloc pages; the folios themselves are preserved by the caller).
+    """
+    ser_pa = alloc()
+    preserve: list[tuple[int, int]] = [(ser_pa, 0)]
+    if folios:
+        arr = b"".join(FOLIO_SER.pack((f.pfn & _PFN_MASK) | (f.flags << 52), f.index)
+                       for f in folios)
+        desc, pages = write_vmalloc(arr, page_size, alloc, write)
+        preserve += [(p, 0) for p in pages]
+    else:
+        desc = KhoVmalloc(0, 0, 0, 0)
+    write(ser_pa, encode_memfd_ser(pos, size, seals, 0, len(folios), desc).ljust(page_size, b"\0"))
+    return ser_pa, preserve
+
+
+def folio_pfns(m: Memfd) -> list[int]:
+    """PFNs of the memfd's folios in file order (by index)."""
+    return [f.pfn for f in sorted(m.folios, key=lambda f: f.index)]
+

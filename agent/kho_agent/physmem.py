@@ -1,0 +1,323 @@
+"""Physical-memory readers: raw images, ELF cores (QEMU dumps, vmcore), /proc/kcore, /dev/mem.
+
+One interface, `read(phys, length) -> bytes`, so the ABI decoders never know the source.
+Each reader knows which physical ranges it holds and raises PhysMemError (a
+MemoryReadError) for anything else. /dev/mem is opened read-only, always.
+`write_elf_core` writes the ELF cores the tests and the digital twin use.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from .abi.memory import MemoryReadError
+
+__all__ = ["PhysMemError", "Segment", "PhysicalMemory", "RawImage", "ElfCore", "KCore",
+           "DevMem", "open_memory", "open_live_memory", "system_ram_ranges",
+           "write_elf_core"]
+
+_ELF_MAGIC = b"\x7fELF"
+_PT_LOAD = 1
+_NO_PADDR = (1 << 64) - 1
+
+
+class PhysMemError(MemoryReadError):
+    """A physical range the source does not hold, or a source that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`size` bytes of physical memory at `phys`; the first `filesz` are at `offset`."""
+
+    phys: int
+    size: int
+    offset: int
+    filesz: int
+
+    @property
+    def end(self) -> int:
+        return self.phys + self.size
+
+
+class PhysicalMemory:
+    """Reads physical memory from a file through a sorted list of segments."""
+
+    source: str = "memory"
+
+    def __init__(self, path: str, segments: Sequence[Segment], fd: int,
+                 use_mmap: bool) -> None:
+        self.path = path
+        self.segments = sorted((s for s in segments if s.size > 0), key=lambda s: s.phys)
+        self._starts = [s.phys for s in self.segments]
+        self._fd = fd
+        self._map: Optional[mmap.mmap] = None
+        if use_mmap and os.fstat(fd).st_size > 0:
+            self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "PhysicalMemory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """Merged [start, end) physical ranges held."""
+        out: list[tuple[int, int]] = []
+        for s in self.segments:
+            if out and s.phys <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], s.end))
+            else:
+                out.append((s.phys, s.end))
+        return out
+
+    @property
+    def size(self) -> int:
+        return sum(e - s for s, e in self.ranges)
+
+    def contains(self, phys: int, length: int) -> bool:
+        """True if [phys, phys+length) lies entirely in memory this source holds."""
+        for s, e in self.ranges:
+            if s <= phys and phys + length <= e:
+                return True
+        return False
+
+    def _segment(self, phys: int) -> Optional[Segment]:
+        i = bisect.bisect_right(self._starts, phys) - 1
+        if i >= 0 and phys < self.segments[i].end:
+            return self.segments[i]
+        # overlapping segments (kcore's text inside the direct map) are rare: scan back
+        for seg in reversed(self.segments[:max(i, 0)]):
+            if seg.phys <= phys < seg.end:
+                return seg
+        return None
+
+    def _file_read(self, offset: int, length: int) -> bytes:
+        if self._map is not None:
+            return self._map[offset:offset + length]
+        return os.pread(self._fd, length, offset)
+
+    def read(self, phys: int, length: int) -> bytes:
+        """`length` bytes at physical address `phys` (PhysMemError if any are missing)."""
+        if length < 0 or phys < 0:
+            raise PhysMemError(f"bad read 0x{phys:x}+{length}")
+        out = bytearray()
+        pos, left = phys, length
+        while left:
+            seg = self._segment(pos)
+            if seg is None:
+                raise PhysMemError(f"physical 0x{pos:x} not in {self.source} {self.path}")
+            n = min(left, seg.end - pos)
+            rel = pos - seg.phys
+            infile = max(0, min(n, seg.filesz - rel))
+            if infile:
+                try:
+                    chunk = self._file_read(seg.offset + rel, infile)
+                except OSError as e:
+                    raise PhysMemError(f"reading physical 0x{pos:x} from {self.path}: "
+                                       f"{e.strerror}") from None
+                if len(chunk) != infile:
+                    raise PhysMemError(f"physical 0x{pos:x}: short read from {self.path}")
+                out += chunk
+            out += bytes(n - infile)      # p_memsz beyond p_filesz reads as zeros
+            pos += n
+            left -= n
+        return bytes(out)
+
+
+class RawImage(PhysicalMemory):
+    """A flat image of physical memory starting at `base` (0 unless told otherwise)."""
+
+    source = "raw image"
+
+    def __init__(self, path: str, base: int = 0) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        super().__init__(path, [Segment(base, size, 0, size)], fd, use_mmap=True)
+
+
+def _parse_elf(head: bytes, path: str) -> tuple[str, int, int, int]:
+    """(struct byte order, e_phoff, e_phentsize, e_phnum) of an ELF64 file header."""
+    if len(head) < 64 or head[:4] != _ELF_MAGIC:
+        raise PhysMemError(f"{path}: not an ELF file")
+    if head[4] != 2:
+        raise PhysMemError(f"{path}: only 64-bit ELF cores are supported")
+    order = {1: "<", 2: ">"}.get(head[5])
+    if order is None:
+        raise PhysMemError(f"{path}: bad ELF data encoding {head[5]}")
+    (e_phoff,) = struct.unpack_from(order + "Q", head, 0x20)
+    e_phentsize, e_phnum = struct.unpack_from(order + "HH", head, 0x36)
+    return order, e_phoff, e_phentsize, e_phnum
+
+
+class ElfCore(PhysicalMemory):
+    """An ELF core whose PT_LOAD headers carry physical addresses (p_paddr).
+
+    QEMU's dump-guest-memory (paging=false) and vmcores are of this kind.
+    """
+
+    source = "ELF core"
+
+    def __init__(self, path: str, *, use_mmap: bool = True) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            segs = self._load_segments(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        super().__init__(path, segs, fd, use_mmap=use_mmap)
+
+    @staticmethod
+    def _load_segments(fd: int, path: str) -> list[Segment]:
+        head = os.pread(fd, 64, 0)
+        order, phoff, phentsize, phnum = _parse_elf(head, path)
+        if phnum == 0xFFFF or phentsize < 56 or phnum > 65535:
+            raise PhysMemError(f"{path}: unsupported program header table "
+                               f"(phnum {phnum}, entsize {phentsize})")
+        table = os.pread(fd, phentsize * phnum, phoff)
+        if len(table) != phentsize * phnum:
+            raise PhysMemError(f"{path}: program header table truncated")
+        size = os.fstat(fd).st_size
+        is_regular = stat.S_ISREG(os.fstat(fd).st_mode) and size > 0
+        segs = []
+        for i in range(phnum):
+            p_type, _flags, off, _vaddr, paddr, filesz, memsz, _align = struct.unpack_from(
+                order + "IIQQQQQQ", table, i * phentsize)
+            if p_type != _PT_LOAD or paddr == _NO_PADDR or memsz == 0:
+                continue
+            if is_regular and off + filesz > size and not path.startswith("/proc/"):
+                filesz = max(0, size - off)   # a truncated dump: the rest is missing
+                memsz = filesz
+            segs.append(Segment(paddr, memsz, off, filesz))
+        if not segs:
+            raise PhysMemError(f"{path}: ELF file has no PT_LOAD segments with physical addresses")
+        return segs
+
+
+class KCore(ElfCore):
+    """/proc/kcore: the direct-map and kernel-text PT_LOADs carry p_paddr (root only)."""
+
+    source = "/proc/kcore"
+
+    def __init__(self, path: str = "/proc/kcore") -> None:
+        super().__init__(path, use_mmap=False)
+
+
+def system_ram_ranges(iomem: str = "/proc/iomem") -> list[tuple[int, int]]:
+    """[start, end) of every top-level "System RAM" entry (addresses need root)."""
+    out = []
+    with open(iomem) as f:
+        for line in f:
+            if line.startswith(" ") or "System RAM" not in line:
+                continue
+            span = line.split(":", 1)[0].strip()
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if hi:
+                out.append((lo, hi + 1))
+    return out
+
+
+class DevMem(PhysicalMemory):
+    """/dev/mem, read-only, limited to System RAM (works without CONFIG_STRICT_DEVMEM)."""
+
+    source = "/dev/mem"
+
+    def __init__(self, path: str = "/dev/mem",
+                 ranges: Optional[Iterable[tuple[int, int]]] = None) -> None:
+        spans = list(ranges) if ranges is not None else system_ram_ranges()
+        if not spans:
+            raise PhysMemError("no System RAM ranges visible in /proc/iomem (need root)")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        segs = [Segment(s, e - s, s, e - s) for s, e in spans]
+        super().__init__(path, segs, fd, use_mmap=False)
+
+
+def open_memory(path: str, base: Optional[int] = None) -> PhysicalMemory:
+    """Open a memory image, detecting its format: ELF core (incl. /proc/kcore), /dev/mem,
+    else a raw image starting at `base` (default 0).
+
+    Raises PhysMemError with a one-line reason when the file cannot be used.
+    """
+    try:
+        if os.path.realpath(path) == "/dev/mem":
+            return DevMem(path)
+        if os.path.realpath(path) == "/proc/kcore":
+            return KCore(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == _ELF_MAGIC:
+            if base is not None:
+                raise PhysMemError(f"{path}: --memory-base applies to raw images, not ELF cores")
+            return ElfCore(path)
+        if os.path.getsize(path) == 0:
+            raise PhysMemError(f"{path}: empty file")
+        return RawImage(path, base or 0)
+    except PhysMemError:
+        raise
+    except OSError as e:
+        raise PhysMemError(f"{path}: {e.strerror or e}") from None
+
+
+def open_live_memory() -> PhysicalMemory:
+    """The running kernel's physical memory: /dev/mem if it serves RAM, else /proc/kcore.
+
+    `.source` says which one was used (distribution kernels set CONFIG_STRICT_DEVMEM,
+    which makes /dev/mem refuse RAM).
+    """
+    errors = []
+    try:
+        mem = DevMem()
+        first = mem.ranges[0][0]
+        probe = first + 0x100000 if mem.contains(first + 0x100000, 8) else first
+        mem.read(probe, 8)
+        return mem
+    except (OSError, PhysMemError) as e:
+        errors.append(f"/dev/mem: {e}")
+    try:
+        return KCore()
+    except (OSError, PhysMemError) as e:
+        errors.append(f"/proc/kcore: {e}")
+    raise PhysMemError("no readable physical memory (" + "; ".join(errors) + ")")
+
+
+def write_elf_core(path: str, chunks: Iterable[tuple[int, bytes]], *,
+                   machine: int = 62) -> None:
+    """Write an ELF64 core with one PT_LOAD per (phys, data) chunk (p_paddr = phys).
+
+    Adjacent chunks are merged. machine 62 is EM_X86_64 (183 = EM_AARCH64).
+    """
+    merged: list[list] = []
+    for phys, data in sorted(chunks, key=lambda c: c[0]):
+        if merged and merged[-1][0] + len(merged[-1][1]) == phys:
+            merged[-1][1] += data
+        else:
+            merged.append([phys, bytearray(data)])
+    phnum = len(merged)
+    ehdr = struct.pack("<4sBBBBB7sHHIQQQIHHHHHH", _ELF_MAGIC, 2, 1, 1, 0, 0, b"\0" * 7,
+                       4, machine, 1, 0, 64, 0, 0, 64, 56, phnum, 0, 0, 0)
+    offset = 64 + 56 * phnum
+    offset = (offset + 4095) & ~4095
+    phdrs = bytearray()
+    for phys, data in merged:
+        phdrs += struct.pack("<IIQQQQQQ", _PT_LOAD, 6, offset, 0, phys, len(data), len(data), 0)
+        offset += len(data)
+    with open(path, "wb") as f:
+        f.write(ehdr)
+        f.write(phdrs)
+        f.seek((64 + 56 * phnum + 4095) & ~4095)
+        for _, data in merged:
+            f.write(data)

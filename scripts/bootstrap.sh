@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Bootstrap everything `make test` / `make demo` need on a fresh Debian machine:
+# Debian packages (when root), then a virtualenv with the project and its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+# Debian packages: swig + libfdt (to build pylibfdt), qemu (real-kernel tests),
+# gcc's static libc (the lab test's init), openssh-server (SSH integration tests).
+debs=(swig python3-dev qemu-system-x86 libc6-dev gcc openssh-server openssh-client)
+if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  missing=()
+  for p in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if (( ${#missing[@]} )); then
+    echo "bootstrap: apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+else
+  echo "bootstrap: not root (or no apt-get): skipping Debian packages (${debs[*]})"
+fi
+
+if [[ ! -x $VENV/bin/python ]]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e ".[test]"
+touch "$VENV/.bootstrapped"

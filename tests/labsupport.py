@@ -1,0 +1,127 @@
+"""Helpers for the real-kernel lab tests: read an ELF memory dump by physical address,
+check coverage of pages by radix-tree blocks, and walk a (possibly truncated) FDT header.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, List, Sequence, Tuple
+
+PAGE_SIZE = 4096
+FDT_MAGIC = 0xD00DFEED
+
+
+@dataclass
+class ElfCore:
+    """A QEMU dump-guest-memory ELF core; read(pa, n) reads guest-physical bytes."""
+
+    path: Path
+    loads: List[Tuple[int, int, int]] = field(default_factory=list)  # (paddr, filesz, offset)
+
+    def __post_init__(self) -> None:
+        self._f = open(self.path, "rb")
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+        if self._mm[:4] != b"\x7fELF" or self._mm[4] != 2:
+            raise ValueError(f"{self.path}: not an ELF64 file")
+        phoff = struct.unpack_from("<Q", self._mm, 0x20)[0]
+        phentsize, phnum = struct.unpack_from("<HH", self._mm, 0x36)
+        for i in range(phnum):
+            ph = phoff + i * phentsize
+            p_type, _flags, off, _va, pa, filesz = struct.unpack_from("<IIQQQQ", self._mm, ph)
+            if p_type == 1:  # PT_LOAD
+                self.loads.append((pa, filesz, off))
+
+    def read(self, pa: int, n: int) -> bytes:
+        for base, size, off in self.loads:
+            if base <= pa and pa + n <= base + size:
+                return self._mm[off + pa - base : off + pa - base + n]
+        raise KeyError(f"physical range 0x{pa:x}+0x{n:x} is not in the dump")
+
+    def close(self) -> None:
+        self._mm.close()
+        self._f.close()
+
+
+@dataclass
+class Coverage:
+    """Merged, sorted [start, end) byte ranges, from inspect's [phys, order, count] blocks."""
+
+    starts: List[int]
+    ends: List[int]
+
+    @classmethod
+    def from_blocks(cls, blocks: Iterable[Sequence[int]], page_size: int = PAGE_SIZE) -> "Coverage":
+        spans = sorted((p, p + c * (page_size << o)) for p, o, c in blocks)
+        starts: List[int] = []
+        ends: List[int] = []
+        for s, e in spans:
+            if ends and s <= ends[-1]:
+                ends[-1] = max(ends[-1], e)
+            else:
+                starts.append(s)
+                ends.append(e)
+        return cls(starts, ends)
+
+    def covers(self, pa: int, n: int = PAGE_SIZE) -> bool:
+        i = bisect.bisect_right(self.starts, pa) - 1
+        return i >= 0 and pa + n <= self.ends[i]
+
+
+@dataclass(frozen=True)
+class FdtHeader:
+    """The ten big-endian u32s of a flattened device tree header."""
+
+    magic: int
+    totalsize: int
+    off_dt_struct: int
+    off_dt_strings: int
+    off_mem_rsvmap: int
+    version: int
+    last_comp_version: int
+    boot_cpuid_phys: int
+    size_dt_strings: int
+    size_dt_struct: int
+
+    @classmethod
+    def parse(cls, data: bytes) -> "FdtHeader":
+        return cls(*struct.unpack_from(">10I", data))
+
+
+def root_u64_props(fdt: bytes) -> List[Tuple[int, int]]:
+    """(nameoff, little-endian value) of each 8-byte property of the root node.
+
+    Tolerates truncation: stops at the first token that runs past the end of `fdt`,
+    so it works without the strings block (names stay as offsets).
+    """
+    hdr = FdtHeader.parse(fdt)
+    p, depth, out = hdr.off_dt_struct, 0, []
+    while p + 4 <= len(fdt):
+        tok = struct.unpack_from(">I", fdt, p)[0]
+        p += 4
+        if tok == 1:  # BEGIN_NODE
+            end = fdt.find(b"\0", p)
+            if end < 0:
+                break
+            p = (end + 4) & ~3
+            depth += 1
+        elif tok == 3:  # PROP
+            if p + 8 > len(fdt):
+                break
+            ln, nameoff = struct.unpack_from(">II", fdt, p)
+            p += 8
+            if p + ln > len(fdt):
+                break
+            if depth == 1 and ln == 8:
+                out.append((nameoff, struct.unpack_from("<Q", fdt, p)[0]))
+            p = (p + ln + 3) & ~3
+        elif tok == 2:  # END_NODE
+            depth -= 1
+        elif tok == 4:  # NOP
+            continue
+        else:  # END or garbage
+            break
+    return out
