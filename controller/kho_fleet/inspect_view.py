@@ -70,7 +70,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         for s in luo["sessions"]:
             console.print(f"  session {s['name']!r}: {s['count']} file(s)")
             for f in s["files"]:
-                line = f"    {f['compatible']} token {f['token']}"
+                line = f"    {f['compatible']} token 0x{f['token']:x}"
                 m = f["memfd"]
                 if m:
                     ok = "all in radix" if m.get("pfns_in_radix") else "[red]PFNs missing[/]"

@@ -38,6 +38,7 @@ __all__ = [
 
 _MASK64 = (1 << 64) - 1
 _NONZERO = re.compile(rb"[^\x00]+", re.S)
+_ONES = re.compile("1+")
 _MAX_ERRORS = 64
 
 
@@ -185,13 +186,24 @@ class _Emitter:
             w.blocks.append([pa, order, count])
 
 
-def _leaf_runs(leaf: bytes) -> Iterator[tuple[int, int]]:
-    """(first_bit, nbits) of every run of set bits in a little-endian bitmap."""
+def _leaf_runs(leaf: bytes) -> list[tuple[int, int]]:
+    """(first_bit, nbits) of every run of set bits in a little-endian bitmap, in order.
+
+    Sparse leaves are scanned a nonzero byte-run at a time (regex over the bytes);
+    busy leaves as one binary string (one regex match per run, all in C).
+    """
+    busy = len(leaf) - leaf.count(0)
+    if busy == 0:
+        return []
+    if busy > 256 and leaf.count(0xFF) != busy:
+        bits = format(int.from_bytes(leaf, "little"), "b")[::-1]
+        return [(m.start(), m.end() - m.start()) for m in _ONES.finditer(bits)]
+    out = []
     for m in _NONZERO.finditer(leaf):
         s, e = m.span()
         seg = m.group()
         if seg.count(0xFF) == e - s:
-            yield s * 8, (e - s) * 8
+            out.append((s * 8, (e - s) * 8))
             continue
         v = int.from_bytes(seg, "little")
         base = s * 8
@@ -201,7 +213,8 @@ def _leaf_runs(leaf: bytes) -> Iterator[tuple[int, int]]:
             nxt = v + low                   # carries through the run
             end = (nxt & -nxt).bit_length() - 1
             v &= nxt                        # drop this run
-            yield base + start, end - start
+            out.append((base + start, end - start))
+    return out
 
 
 def walk_radix(read: Reader, root: int, g: RadixGeometry, *,
@@ -271,20 +284,38 @@ def _walk_leaf(page: bytes, prefix: int, g: RadixGeometry, emit: _Emitter,
                w: RadixWalk, in_ram: Optional[Callable[[int, int], bool]]) -> None:
     """Emit the runs of one leaf bitmap whose keys start at `prefix`."""
     ps = g.page_size
+    runs = _leaf_runs(page)
+    if not runs:
+        return
     if prefix:
         # every key in this leaf shares prefix's order bit: one order for the leaf
         order = g.order0 - (prefix.bit_length() - 1)
-        step_shift = g.page_shift + order
-        for bit, n in _leaf_runs(page):
-            pa = ((prefix | bit) << step_shift) & _MASK64
-            if in_ram is not None and not in_ram(pa, n << step_shift):
-                w.error(f"leaf at key 0x{prefix:x}: blocks 0x{pa:x} (order {order}, "
-                        f"{n}) outside RAM")
-                continue
-            emit.run(pa, order, n)
+        ss = g.page_shift + order
+        base = (prefix << ss) & _MASK64
+        last_bit, last_n = runs[-1]
+        if in_ram is not None and not in_ram(base + (runs[0][0] << ss),
+                                             (last_bit + last_n - runs[0][0]) << ss):
+            good = []
+            for bit, n in runs:
+                if in_ram(base + (bit << ss), n << ss):
+                    good.append((bit, n))
+                else:
+                    w.error(f"leaf at key 0x{prefix:x}: blocks 0x{base + (bit << ss):x} "
+                            f"(order {order}, {n}) outside RAM")
+            runs = good
+            if not runs:
+                return
+        bit0, n0 = runs[0]
+        emit.run(base + (bit0 << ss), order, n0)       # may coalesce with the last run
+        rest = runs[1:]
+        if rest:
+            w.blocks.extend([[base + (bit << ss), order, n] for bit, n in rest])
+            total = sum(n for _, n in rest)
+            w.pages_by_order[order] = w.pages_by_order.get(order, 0) + total
+            w.preserved_bytes += total * (ps << order)
         return
     # the lowest leaf mixes (absurdly) high orders; decode bit by bit
-    for bit, n in _leaf_runs(page):
+    for bit, n in runs:
         for key in range(bit, bit + n):
             if key == 0:
                 w.error("leaf 0: bit 0 set, a key without an order bit")
