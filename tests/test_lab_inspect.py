@@ -238,3 +238,32 @@ def test_inspect_rejects_garbage(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].strip(), f"want one stderr line, got {lines!r}"
+
+
+def test_real_root_fdt_matches_pylibfdt(
+    lab_guest: LabGuest, inspect_run: "subprocess.CompletedProcess[str]"
+) -> None:
+    """Cross-check our FDT decoding of the real kernel's root FDT against libfdt itself."""
+    libfdt = pytest.importorskip("libfdt", reason="pylibfdt not installed")
+    inspected = _json_of(inspect_run)
+    phys = inspected["kho"]["root_fdt_phys"]
+    assert phys, inspected["kho"]
+    core = ElfCore(lab_guest.dump)
+    try:
+        size = FdtHeader.parse(core.read(phys, 40)).totalsize
+        blob = core.read(phys, size)
+    finally:
+        core.close()
+    fdt = libfdt.Fdt(blob)
+    assert fdt.getprop(0, "compatible").as_str() == inspected["kho"]["compatible"]
+    mmap_root = int.from_bytes(bytes(fdt.getprop(0, "preserved-memory-map")), "little")
+    assert mmap_root == inspected["kho"]["memory_map_root"]
+    theirs = {}
+    node = fdt.first_subnode(0, quiet=[libfdt.NOTFOUND])
+    while node >= 0:
+        data = int.from_bytes(bytes(fdt.getprop(node, "preserved-data")), "little")
+        size = int.from_bytes(bytes(fdt.getprop(node, "blob-size")), "little")
+        theirs[fdt.get_name(node)] = (data, size)
+        node = fdt.next_subnode(node, quiet=[libfdt.NOTFOUND])
+    ours = {s["name"]: (s["phys"], s["size"]) for s in inspected["subtrees"]}
+    assert ours == theirs

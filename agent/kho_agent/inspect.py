@@ -186,7 +186,8 @@ def inspect_memory(mem: PhysicalMemory, *, page_size: int = 4096,
 
 def _metadata(mem: PhysicalMemory, phys: int, size: Optional[int]) -> dict:
     try:
-        m = md_abi.decode_metadata(mem.read(phys, size if size is not None else md_abi.METADATA.size))
+        want = md_abi.METADATA.size if size is None else min(size, md_abi.METADATA.size)
+        m = md_abi.decode_metadata(mem.read(phys, want))
         return {**m.to_json(), "phys": phys, "error": None}
     except (MemoryReadError, md_abi.MetadataError) as e:
         return {"phys": phys, "error": str(e)}

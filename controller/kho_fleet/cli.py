@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 from kho_agent.abi.memory import MemoryReadError
 from kho_agent.inspect import InspectError, inspect_memory
@@ -60,8 +60,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit code EXIT_UNUSABLE."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(EXIT_UNUSABLE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kho-fleet", description=__doc__)
+    p = _Parser(prog="kho-fleet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ins = sub.add_parser("inspect", help="decode KHO/LUO state from a memory image",

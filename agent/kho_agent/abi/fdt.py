@@ -300,7 +300,8 @@ def _walk_names(node: FdtNode) -> Iterator[str]:
 
 
 def build_fdt(root: FdtNode, *, strings: Optional[Iterable[str]] = None,
-              reserved: Iterable[tuple[int, int]] = (), boot_cpuid_phys: int = 0) -> bytes:
+              reserved: Iterable[tuple[int, int]] = (), boot_cpuid_phys: int = 0,
+              rsvmap_offset: int = HEADER_SIZE) -> bytes:
     """Serialise `root` as a packed version-17 FDT, laid out as libfdt lays it out.
 
     Layout: header | reservation map (8-aligned, at 40) | structure | strings.
@@ -339,10 +340,12 @@ def build_fdt(root: FdtNode, *, strings: Optional[Iterable[str]] = None,
     for addr, size in reserved:
         rsv += struct.pack(">QQ", addr, size)
     rsv += b"\0" * 16
-    off_rsv = HEADER_SIZE  # already 8-aligned
+    if rsvmap_offset < HEADER_SIZE or rsvmap_offset % 8:
+        raise ValueError(f"reservation map offset {rsvmap_offset} invalid")
+    off_rsv = rsvmap_offset  # fdt_pack(): 40; fdt_create() before packing: 48
     off_struct = off_rsv + len(rsv)
     off_strings = off_struct + len(body)
     total = off_strings + len(sblob)
     hdr = _HEADER.pack(FDT_MAGIC, total, off_struct, off_strings, off_rsv, 17, 16,
                        boot_cpuid_phys, len(sblob), len(body))
-    return bytes(hdr + rsv + body + sblob)
+    return bytes(hdr + bytes(off_rsv - HEADER_SIZE) + rsv + body + sblob)

@@ -91,15 +91,17 @@ def _root_props(fdt: Fdt, notes: list[str]) -> tuple[Optional[FdtProperty], Opti
 def _subtree(node: FdtNode, abi: KhoAbi, notes: list[str]) -> tuple[Optional[KhoSubtree], bool]:
     data = node.prop(PROP_PRESERVED_DATA)
     size = node.prop(PROP_BLOB_SIZE)
-    recovered = False
     unnamed = [p for p in node.props if p.name is None and len(p.value) == 8]
-    # kho_add_subtree() sets preserved-data, then blob-size.
-    if data is None and unnamed:
-        data, unnamed = unnamed[0], unnamed[1:]
-        recovered = True
-    if size is None and abi.blob_size and unnamed:
+    # kho_add_subtree() sets preserved-data, then blob-size, but fdt_setprop() inserts
+    # each new property first in the node: the structure block holds blob-size first.
+    if abi.blob_size and data is None and size is None:
+        size = unnamed[0] if unnamed else None
+        data = unnamed[1] if len(unnamed) > 1 else None
+    elif data is None and unnamed:
+        data = unnamed[0]
+    elif size is None and abi.blob_size and unnamed:
         size = unnamed[0]
-        recovered = True
+    recovered = any(p is not None and p.name is None for p in (data, size))
     if data is None:
         notes.append(f"subnode {node.name!r} has no {PROP_PRESERVED_DATA}: skipped")
         return None, recovered
@@ -163,9 +165,13 @@ def encode_kho_fdt(compatible: str, memory_map_root: int,
         if abi.blob_size:
             if sub.size is None:
                 raise ValueError(f"{compatible} subtree {sub.name!r} needs a blob size")
-            props.append(FdtProperty(PROP_BLOB_SIZE, sub.size.to_bytes(8, "little")))
+            # fdt_setprop() inserts a new property first in the node: blob-size (set
+            # second by kho_add_subtree) precedes preserved-data.
+            props.insert(0, FdtProperty(PROP_BLOB_SIZE, sub.size.to_bytes(8, "little")))
         root.children.append(FdtNode(sub.name, props))
     order = [PROP_MEMORY_MAP, PROP_COMPATIBLE, PROP_PRESERVED_DATA]
     if abi.blob_size:
         order.append(PROP_BLOB_SIZE)
-    return build_fdt(root, strings=order)
+    # Until the first kho_add_subtree() (whose fdt_pack() moves it to 40) the root FDT keeps
+    # fdt_create()'s layout: the reservation map at FDT_ALIGN(40, 16) = 48.
+    return build_fdt(root, strings=order, rsvmap_offset=48 if not subtrees else 40)

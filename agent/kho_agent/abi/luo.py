@@ -104,7 +104,7 @@ def decode_luo_ser(blob: bytes) -> LuoState:
     compat, num, sessions_pa, flbs_pa = LUO_SER.unpack_from(blob, 0)
     name = _cstr(compat)
     if name not in LUO_VERSIONS:
-        shown = name if name.isprintable() and name else compat.hex()
+        shown = name if name and name.isprintable() and "\ufffd" not in name else compat.hex()
         raise ValueError(f"unsupported LUO ABI {shown!r} (this build knows "
                          f"{', '.join(LUO_VERSIONS)})")
     return LuoState(name, num, sessions_pa, flbs_pa)
@@ -112,7 +112,9 @@ def decode_luo_ser(blob: bytes) -> LuoState:
 
 def read_luo(read: Reader, phys: int, size: int, page_size: int) -> LuoState:
     """Decode the LUO blob at `phys` and follow sessions, files, memfds and FLBs."""
-    st = decode_luo_ser(read(phys, max(size, LUO_SER.size) if size else LUO_SER.size))
+    if size and size < LUO_SER.size:      # luo_core.c: the blob must hold struct luo_ser
+        raise ValueError(f"LUO state is too small ({size} < {LUO_SER.size})")
+    st = decode_luo_ser(read(phys, LUO_SER.size))
     if st.sessions_pa == 0:
         st.notes.append("no sessions serialised (LUO writes them at kexec time)")
     else:
