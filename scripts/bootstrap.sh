@@ -7,8 +7,10 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 # Debian packages: swig + libfdt (to build pylibfdt), qemu (real-kernel tests),
-# gcc's static libc (the lab test's init), openssh-server (SSH integration tests).
-debs=(swig python3-dev qemu-system-x86 libc6-dev gcc openssh-server openssh-client)
+# gcc's static libc (the lab test's init), openssh-server (SSH integration tests),
+# debootstrap + e2fsprogs + qemu-utils (the lab guests' root filesystem and overlays).
+debs=(swig python3-dev qemu-system-x86 qemu-utils libc6-dev gcc openssh-server openssh-client
+      debootstrap e2fsprogs)
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${debs[@]}"; do

@@ -185,10 +185,13 @@ class QemuVM:
                 )
             time.sleep(poll)
 
-    def dump_memory(self, path: Union[str, Path], timeout: float = 300.0) -> DumpResult:
+    def dump_memory(
+        self, path: Union[str, Path], timeout: float = 300.0, resume: bool = False
+    ) -> DumpResult:
         """Stop the guest and write an ELF core of its physical memory (paging off) to `path`.
 
         Uses `detach` and waits for DUMP_COMPLETED (polling `query-dump` as a fallback).
+        The guest stays stopped unless `resume` (then QMP `cont` after the dump).
         """
         qmp = self._require_qmp()
         out = Path(path).resolve()
@@ -222,6 +225,8 @@ class QemuVM:
                         raise QemuError(
                             f"dump-guest-memory timed out after {timeout:.0f}s: {status}"
                         )
+            if resume:
+                qmp.execute("cont")
         except QMPError as exc:
             raise QemuError(f"memory dump failed: {exc}") from exc
         return DumpResult(out, out.stat().st_size, time.monotonic() - t0)

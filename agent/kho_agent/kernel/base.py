@@ -1,0 +1,179 @@
+"""The kernel interface: the one seam between the agent and a host's kernel.
+
+Two implementations: real Linux (`linux.py`: ioctls on /dev/liveupdate, debugfs, pagemap,
+kexec) and a digital-twin host (`twin.py`: the same operations against a simulated
+KHO/LUO kernel, see controller/kho_fleet/sim/). Everything above this seam -- preflight,
+preserve, snapshot, kexec, verify, report -- is the same code on both.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from abc import ABC, abstractmethod
+from typing import Optional
+
+from ..physmem import PhysicalMemory
+
+__all__ = ["KernelError", "LiveUpdateError", "Session", "LiveUpdate", "Kernel"]
+
+
+class KernelError(Exception):
+    """A kernel-interface operation failed; the message names the operation and path."""
+
+
+class LiveUpdateError(OSError):
+    """A /dev/liveupdate operation failed with `errno` (ENOENT, EBUSY, EINVAL, ...)."""
+
+    def __init__(self, err: int, op: str, detail: str = "") -> None:
+        msg = f"{op}: {os.strerror(err)}" + (f" ({detail})" if detail else "")
+        super().__init__(err, msg)
+        self.op = op
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+class Session(ABC):
+    """A LUO session fd: it lives exactly as long as this object's fd stays open.
+
+    Outgoing sessions (create_session) preserve files; incoming ones (retrieve_session)
+    give them back after kexec and must be FINISHed, or they are lost when closed.
+    """
+
+    name: str
+
+    @abstractmethod
+    def fileno(self) -> int:
+        """The session fd (keep it open to keep the session)."""
+
+    @abstractmethod
+    def preserve_fd(self, fd: int, token: int) -> None:
+        """LIVEUPDATE_SESSION_PRESERVE_FD: preserve `fd` (a memfd) under `token`."""
+
+    @abstractmethod
+    def retrieve_fd(self, token: int) -> int:
+        """LIVEUPDATE_SESSION_RETRIEVE_FD: a new fd for the file preserved as `token`."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """LIVEUPDATE_SESSION_FINISH: the session's files are now owned by userspace."""
+
+    @abstractmethod
+    def get_name(self) -> str:
+        """LIVEUPDATE_SESSION_GET_NAME."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the session fd."""
+
+
+class LiveUpdate(ABC):
+    """An open /dev/liveupdate (exclusive: a second open fails with EBUSY)."""
+
+    @abstractmethod
+    def fileno(self) -> int: ...
+
+    @abstractmethod
+    def create_session(self, name: str) -> Session:
+        """LIVEUPDATE_IOCTL_CREATE_SESSION (EEXIST if the name is taken)."""
+
+    @abstractmethod
+    def retrieve_session(self, name: str) -> Session:
+        """LIVEUPDATE_IOCTL_RETRIEVE_SESSION (ENOENT if no such incoming session)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Kernel(ABC):
+    """What the agent needs from a host's kernel. `kind` is "linux" or "twin"."""
+
+    kind: str
+
+    # --- identity and environment ------------------------------------------------------
+    @abstractmethod
+    def release(self) -> str:
+        """uname -r."""
+
+    @abstractmethod
+    def cmdline(self) -> str:
+        """/proc/cmdline."""
+
+    @abstractmethod
+    def page_size(self) -> int:
+        """The MMU page size in bytes."""
+
+    @abstractmethod
+    def boot_time(self) -> float:
+        """CLOCK_REALTIME (epoch seconds) at which this kernel started."""
+
+    @abstractmethod
+    def mem_available(self) -> int:
+        """MemAvailable in bytes."""
+
+    @abstractmethod
+    def state_dir(self) -> str:
+        """Where the agent keeps its state on this host (created if missing)."""
+
+    # --- debugfs -----------------------------------------------------------------------
+    @abstractmethod
+    def debugfs_mounted(self) -> bool: ...
+
+    @abstractmethod
+    def read_debugfs(self, rel: str) -> Optional[bytes]:
+        """Bytes of debugfs file `rel` (e.g. "kho/out/fdt"), None if it does not exist."""
+
+    def list_debugfs(self, rel: str) -> list[str]:
+        """Names in debugfs directory `rel` ([] if absent)."""
+        return []
+
+    # --- live update and memory ---------------------------------------------------------
+    @abstractmethod
+    def liveupdate_present(self) -> bool:
+        """True if /dev/liveupdate exists (CONFIG_LIVEUPDATE and liveupdate=on)."""
+
+    @abstractmethod
+    def open_liveupdate(self) -> LiveUpdate:
+        """Open /dev/liveupdate (raises LiveUpdateError EBUSY if someone holds it)."""
+
+    @abstractmethod
+    def open_physmem(self) -> PhysicalMemory:
+        """This host's physical memory, read-only (`.source` names the way used)."""
+
+    @abstractmethod
+    def memfd_pfns(self, fd: int, size: int) -> list[int]:
+        """PFN of every page of memfd `fd` (pagemap); 0 where a page is not present."""
+
+    def page_flags(self, pfns: list[int]) -> Optional[list[int]]:
+        """/proc/kpageflags of `pfns`, or None where the kernel does not offer it."""
+        return None
+
+    # --- kexec -----------------------------------------------------------------------------
+    @abstractmethod
+    def kexec_file_load_supported(self) -> bool: ...
+
+    @abstractmethod
+    def kexec_load(self, kernel: str, initrd: Optional[str], cmdline: Optional[str]) -> None:
+        """Load `kernel` with the in-kernel file loader (kexec_file_load);
+        cmdline None reuses the running kernel's command line."""
+
+    def kexec_file_load_status(self) -> str:
+        """Why kexec_file_load is (un)available, in one line."""
+        return "available" if self.kexec_file_load_supported() else "unavailable"
+
+    @abstractmethod
+    def kexec_unload(self) -> None: ...
+
+    @abstractmethod
+    def kexec_loaded(self) -> bool:
+        """/sys/kernel/kexec_loaded."""
+
+    @abstractmethod
+    def kexec_exec(self) -> None:
+        """Start `kexec -e` (detached on a real host, so the caller can still return)."""
+
+
+def errno_name(err: int) -> str:
+    """"ENOENT" for errno.ENOENT, etc."""
+    return _errno.errorcode.get(err, str(err))
