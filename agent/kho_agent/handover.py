@@ -1,0 +1,259 @@
+"""The handover lifecycle on one host: preflight -> stage -> preserve -> snapshot -> kexec
+-> (boot) -> verify -> report. Each step is one function over a Kernel, persisting what
+it learned in the state dir so the next step -- possibly in the next kernel -- goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any, Optional
+
+from .holder import HolderClient, HolderError, holder_client, spawn_holder
+from .kernel import Kernel, KernelError, LiveUpdateError, TWIN_ENV
+from .preflight import preflight, running_abi
+from .snapshot import read_incoming, take_snapshot
+from .state import AgentState, load_state, read_json, save_state, write_json
+from .workload import WorkloadSpec, runs_to_pfns
+
+__all__ = ["AgentError", "Agent"]
+
+PRESERVE_FILE = "preserve.json"
+SNAPSHOT_FILE = "snapshot.json"
+JOURNAL_FILE = "journal.json"
+VERIFY_FILE = "verify.json"
+JOURNAL_SCHEMA = "kho-fleet/journal/v1"
+
+
+class AgentError(Exception):
+    """A step failed; `phase` names it in the report."""
+
+    def __init__(self, phase: str, msg: str) -> None:
+        super().__init__(msg)
+        self.phase = phase
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Agent:
+    """One host's handover, driven step by step (each CLI subcommand is one method)."""
+
+    def __init__(self, kernel: Kernel, state_dir: Optional[str] = None) -> None:
+        self.kernel = kernel
+        self.dir = state_dir or kernel.state_dir()
+        os.makedirs(self.dir, exist_ok=True)
+        self.state = load_state(self.dir)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def _save(self) -> None:
+        save_state(self.dir, self.state)
+
+    def _fail(self, phase: str, msg: str) -> AgentError:
+        self.state.fail(phase, msg)
+        self._save()
+        return AgentError(phase, msg)
+
+    # --- before kexec -------------------------------------------------------------------
+    def preflight(self, *, kernel_image: Optional[str] = None, initrd: Optional[str] = None,
+                  spec: Optional[WorkloadSpec] = None, page_size: Optional[int] = None,
+                  allow_unknown_abi: bool = False) -> dict:
+        """Run the preflight checks; a blocking failure aborts the handover."""
+        if self.state.phase in ("report", "verify") or self.state.failure:
+            self.state = AgentState()          # a new handover on this host
+        res = preflight(self.kernel, kernel_image=kernel_image, initrd=initrd,
+                        workload_bytes=spec.total_bytes if spec else 0, page_size=page_size,
+                        allow_unknown_abi=allow_unknown_abi)
+        out = res.to_json()
+        self.state.preflight = out
+        if not res.ok:
+            self.state.aborted = True
+            raise self._fail("preflight", "; ".join(c.detail for c in res.failures()))
+        self.state.enter("preflight")
+        self._save()
+        return out
+
+    def stage(self, kernel_image: str, *, initrd: Optional[str] = None,
+              cmdline: str = "reuse", sha256: Optional[str] = None,
+              allow_unknown_abi: bool = False) -> dict:
+        """Verify and load the target kernel with kexec_file_load (refusing an ABI change)."""
+        for path, want in ((kernel_image, sha256), (initrd, None)):
+            if path is None:
+                continue
+            if not os.path.isfile(path):
+                raise self._fail("stage", f"{path}: no such file")
+        digest = _sha256_file(kernel_image)
+        if sha256 and digest != sha256.lower():
+            raise self._fail("stage", f"{kernel_image}: sha256 {digest} != expected {sha256}")
+        res = preflight(self.kernel, kernel_image=kernel_image, initrd=initrd,
+                        allow_unknown_abi=allow_unknown_abi)
+        abi = [c for c in res.checks if c.name in ("abi", "target_image") and not c.ok]
+        if abi:
+            self.state.aborted = True
+            raise self._fail("stage", abi[0].detail)
+        reuse = cmdline == "reuse"
+        line = self.kernel.cmdline() if reuse else cmdline
+        try:
+            self.kernel.kexec_load(kernel_image, initrd, None if reuse else line)
+        except KernelError as e:
+            raise self._fail("stage", f"kexec load failed: {e}") from None
+        staged = {"kernel": os.path.abspath(kernel_image), "sha256": digest,
+                  "initrd": os.path.abspath(initrd) if initrd else None, "cmdline": line,
+                  "target": res.target, "running": res.running,
+                  "kexec_loaded": self.kernel.kexec_loaded()}
+        self.state.staged = staged
+        self.state.enter("stage")
+        self._save()
+        return staged
+
+    def _holder(self) -> HolderClient:
+        c = holder_client(self.dir)
+        if c is not None:
+            return c
+        try:
+            return spawn_holder(self.dir, os.environ.get(TWIN_ENV))
+        except HolderError as e:
+            raise self._fail(self.state.phase if self.state.phase != "new" else "preserve",
+                             str(e)) from None
+
+    def preserve(self, spec: WorkloadSpec) -> dict:
+        """Start the holder and preserve every workload of `spec` through LUO."""
+        with self._holder() as h:
+            try:
+                reply, _ = h.call("preserve", spec=spec.to_json())
+            except HolderError as e:
+                raise self._fail("preserve", str(e)) from None
+        prev = read_json(self._path(PRESERVE_FILE)) or {"workloads": []}
+        have = {(w["session"], w["token"]) for w in reply["workloads"]}
+        merged = [w for w in prev["workloads"] if (w["session"], w["token"]) not in have]
+        merged += reply["workloads"]
+        out = {"workloads": merged, "spec": spec.to_json()}
+        write_json(self._path(PRESERVE_FILE), out)
+        self.state.enter("preserve")
+        self._save()
+        return out
+
+    def snapshot(self) -> dict:
+        """Walk the live outgoing radix tree and keep it for after the kexec."""
+        pres = read_json(self._path(PRESERVE_FILE)) or {"workloads": []}
+        pfns = {f"{w['session']}/{w['token']}": runs_to_pfns(w["pfn_runs"])
+                for w in pres["workloads"]}
+        try:
+            snap = take_snapshot(self.kernel, pfns)
+        except (OSError, KernelError, ValueError) as e:
+            raise self._fail("snapshot", str(e)) from None
+        write_json(self._path(SNAPSHOT_FILE), snap)
+        self.state.enter("snapshot")
+        self._save()
+        return {k: v for k, v in snap.items() if k not in ("blocks", "node_pages")}
+
+    def kexec(self, *, yes: bool) -> dict:
+        """Seal the journal into a preserved memfd and on disk, then `kexec -e`."""
+        t0 = time.time()
+        if not yes:
+            raise AgentError("kexec", "refusing to kexec without --yes")
+        if not self.kernel.kexec_loaded():
+            raise self._fail("kexec", "no kernel staged (kexec_loaded is 0): run stage first")
+        pres = read_json(self._path(PRESERVE_FILE))
+        snap = read_json(self._path(SNAPSHOT_FILE))
+        if snap is None:
+            raise self._fail("kexec", "no radix snapshot: run snapshot first")
+        staged = self.state.staged or {}
+        journal = {
+            "schema": JOURNAL_SCHEMA, "handover_id": self.state.handover_id,
+            "host": os.uname().nodename, "kernel_from": staged.get("running") or running_abi(self.kernel),
+            "kernel_to": {k: staged.get(k) for k in ("kernel", "sha256", "target")},
+            "workloads": (pres or {}).get("workloads", []), "snapshot": snap,
+            "stamps": {h["phase"]: h["t"] for h in self.state.history},
+        }
+        journal["stamps"]["kexec"] = time.time()
+        with self._holder() as h:
+            try:
+                sealed, _ = h.call("seal", journal=journal)
+            except HolderError as e:
+                raise self._fail("kexec", str(e)) from None
+        self.state.enter("kexec", journal_sha256=sealed["sha256"])
+        t_exec = time.time()
+        journal["stamps"]["kexec_exec"] = t_exec
+        journal["agent_kexec_s"] = t_exec - t0
+        write_json(self._path(JOURNAL_FILE), journal)
+        self._save()
+        try:
+            self.kernel.kexec_exec()
+        except KernelError as e:
+            raise self._fail("kexec", f"kexec -e failed: {e}") from None
+        return {"handover_id": self.state.handover_id, "kexec_exec": t_exec,
+                "agent_kexec_s": t_exec - t0, "journal_bytes": sealed["bytes"]}
+
+    # --- after kexec ----------------------------------------------------------------------
+    def verify(self, *, agent_start: Optional[float] = None) -> dict:
+        """Read the incoming state, retrieve and check every workload, FINISH, measure."""
+        agent_start = agent_start or time.time()
+        disk = read_journal(self.dir)
+        incoming = read_incoming(self.kernel, (disk or {}).get("snapshot"))
+        try:
+            c = holder_client(self.dir) or spawn_holder(self.dir, os.environ.get(TWIN_ENV))
+            with c:
+                reply, _ = c.call("retrieve", journal=disk)
+        except (HolderError, LiveUpdateError) as e:
+            out = {"incoming": incoming, "journal": disk, "results": [],
+                   "error": str(e), "agent_start": agent_start,
+                   "kernel_boot_time": self.kernel.boot_time(), "t_restored": None,
+                   "release": self.kernel.release()}
+            write_json(self._path(VERIFY_FILE), out)
+            raise self._fail("verify", f"retrieval failed: {e}") from None
+        journal = reply["journal"]
+        if disk and disk.get("handover_id") == journal.get("handover_id"):
+            journal = {**journal, "stamps": {**journal.get("stamps", {}),
+                                             **disk.get("stamps", {})}}
+        out = {"incoming": incoming, "journal": journal, "journal_error": reply.get("journal_error"),
+               "results": reply["results"], "agent_start": agent_start,
+               "kernel_boot_time": self.kernel.boot_time(), "t_restored": reply["t_restored"],
+               "release": self.kernel.release(), "running": running_abi(self.kernel)}
+        write_json(self._path(VERIFY_FILE), out)
+        if self.state.handover_id != journal.get("handover_id"):
+            self.state = AgentState(handover_id=journal.get("handover_id", self.state.handover_id),
+                                    history=[{"phase": p, "t": t} for p, t in
+                                             journal.get("stamps", {}).items()])
+        self.state.enter("boot", t=out["kernel_boot_time"])
+        from .report import build_report
+        rep = build_report(out, self.state)
+        if rep["result"] != "success":
+            self.state.fail(rep["failure"]["phase"], rep["failure"]["reason"])
+        self.state.enter("verify")
+        self._save()
+        return rep
+
+    def report(self, textfile_dir: Optional[str] = None) -> dict:
+        """Write report.json and the node_exporter textfile; return the report."""
+        from .report import build_report, write_report
+        ver = read_json(self._path(VERIFY_FILE))
+        rep = build_report(ver, self.state)
+        write_report(rep, self.dir, textfile_dir)
+        if self.state.phase != "report":
+            self.state.enter("report")
+            self._save()
+        return rep
+
+    def release(self, session: Optional[str] = None, token: Optional[int] = None) -> dict:
+        """Drop retrieved memfds on purpose (they are freed when nobody holds them)."""
+        c = holder_client(self.dir)
+        if c is None:
+            raise AgentError("verify", "no holder is running")
+        with c:
+            reply, _ = c.call("release", session=session, token=token)
+        return reply
+
+
+def read_journal(state_dir: str) -> Optional[dict[str, Any]]:
+    """The disk copy of the journal, if any."""
+    j = read_json(os.path.join(state_dir, JOURNAL_FILE))
+    return j if isinstance(j, dict) and j.get("schema") == JOURNAL_SCHEMA else None

@@ -1,0 +1,340 @@
+"""The holder: the one process per host that owns /dev/liveupdate and the session fds.
+
+/dev/liveupdate is exclusive-open and a LUO session lives exactly as long as its fd, so
+one long-lived process must hold them until `kexec -e` (before) or until the workloads
+take their memfds back (after). Agent commands and workloads talk to it over a unix
+socket in the state dir (wire.py messages; memfds travel by SCM_RIGHTS).
+
+Before kexec: `preserve` (create + fill or adopt memfds, PRESERVE_FD, record sha256 and
+PFNs) and `seal` (the journal, in the agent's own preserved memfd). After kexec:
+`retrieve` (journal, then every workload: RETRIEVE_FD, sha256, PFNs, FINISH), then
+`claim` hands a memfd to its workload and `release` drops them on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+from .kernel import Kernel, LiveUpdate, LiveUpdateError, Session, TWIN_ENV
+from .wire import WireError, connect_unix, recv_msg, send_msg
+from .workload import (AGENT_SESSION, JOURNAL_TOKEN, SpecError, fill_pattern, hash_fd,
+                       make_memfd, parse_spec, pfn_runs)
+
+__all__ = ["SOCKET", "HolderError", "Holder", "HolderClient", "spawn_holder", "holder_client"]
+
+SOCKET = "holder.sock"
+PIDFILE = "holder.pid"
+LOG = "holder.log"
+
+
+class HolderError(Exception):
+    """A holder request failed; the message is the holder's one-line reason."""
+
+
+class Holder:
+    """Owns /dev/liveupdate, the sessions and the memfds; serves requests one at a time."""
+
+    def __init__(self, kernel: Kernel, state_dir: str) -> None:
+        self.kernel = kernel
+        self.state_dir = state_dir
+        self.lu: LiveUpdate = kernel.open_liveupdate()
+        self.sessions: dict[str, Session] = {}
+        self.fds: dict[tuple[str, int], int] = {}
+        self.running = True
+
+    # --- requests --------------------------------------------------------------------
+    def op_ping(self, req: dict, fds: list[int]) -> dict:
+        return {"pid": os.getpid(), "sessions": sorted(self.sessions),
+                "memfds": [[s, t] for s, t in sorted(self.fds)]}
+
+    def _session(self, name: str) -> Session:
+        if name not in self.sessions:
+            self.sessions[name] = self.lu.create_session(name)
+        return self.sessions[name]
+
+    def _preserve(self, session: str, token: int, fd: int, size: int, sha: str,
+                  source: str) -> dict:
+        sess = self._session(session)
+        sess.preserve_fd(fd, token)
+        self.fds[(session, token)] = fd
+        pfns = self.kernel.memfd_pfns(fd, size)
+        return {"session": session, "token": token, "size": size, "sha256": sha,
+                "pfn_runs": pfn_runs(pfns), "source": source}
+
+    def op_preserve(self, req: dict, fds: list[int]) -> dict:
+        """Create (or take over) every memfd of a spec and preserve it."""
+        spec = parse_spec(req["spec"], "spec")
+        ps = self.kernel.page_size()
+        records = []
+        for s in spec.sessions:
+            for m in s.memfds:
+                if m.adopt or (s.name, m.token) in self.fds:
+                    continue
+                data = fill_pattern(m.token, m.seed, m.size, ps)
+                sha = hashlib.sha256(data).hexdigest()
+                fd = make_memfd(f"kho-{s.name}-{m.token}", data)
+                del data
+                try:
+                    records.append(self._preserve(s.name, m.token, fd, m.size, sha, "created"))
+                except BaseException:
+                    os.close(fd)
+                    raise
+        return {"workloads": records}
+
+    def op_adopt(self, req: dict, fds: list[int]) -> dict:
+        """A workload hands its memfd over (SCM_RIGHTS) to be preserved as `token`."""
+        if len(fds) != 1:
+            raise HolderError("adopt needs exactly one memfd passed with the request")
+        fd = fds[0]
+        size = os.fstat(fd).st_size
+        try:
+            rec = self._preserve(str(req["session"]), int(req["token"]), fd, size,
+                                 hash_fd(fd, size), "adopted")
+        except BaseException:
+            os.close(fd)
+            raise
+        return {"workload": rec}
+
+    def op_seal(self, req: dict, fds: list[int]) -> dict:
+        """Preserve the journal in the agent's own session (frozen from here on)."""
+        body = json.dumps(req["journal"], separators=(",", ":")).encode()
+        fd = make_memfd("kho-agent-journal", body)
+        self._session(AGENT_SESSION).preserve_fd(fd, JOURNAL_TOKEN)
+        self.fds[(AGENT_SESSION, JOURNAL_TOKEN)] = fd
+        return {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+    def op_retrieve(self, req: dict, fds: list[int]) -> dict:
+        """After kexec: journal first, then every workload it lists; FINISH each session.
+
+        `journal` in the request (the disk copy) is used when the agent's own session
+        cannot be retrieved. Per-workload failures are reported, not raised.
+        """
+        journal: Optional[dict] = None
+        journal_error = None
+        try:
+            sess = self.lu.retrieve_session(AGENT_SESSION)
+            self.sessions[AGENT_SESSION] = sess
+            jfd = sess.retrieve_fd(JOURNAL_TOKEN)
+            with os.fdopen(jfd, "rb") as f:
+                journal = json.loads(f.read().decode())
+            sess.finish()
+        except (LiveUpdateError, ValueError, OSError) as e:
+            journal_error = f"journal memfd not retrieved: {e}"
+        if journal is None:
+            journal = req.get("journal")
+        if journal is None:
+            raise HolderError(journal_error or "no journal")
+        results = []
+        by_session: dict[str, list[dict]] = {}
+        for w in journal.get("workloads", []):
+            by_session.setdefault(w["session"], []).append(w)
+        for name, ws in by_session.items():
+            try:
+                sess = self.lu.retrieve_session(name)
+            except LiveUpdateError as e:
+                results += [{"session": name, "token": w["token"], "error": f"session lost: {e}"}
+                            for w in ws]
+                continue
+            self.sessions[name] = sess
+            got = []
+            for w in ws:
+                res: dict[str, Any] = {"session": name, "token": w["token"]}
+                try:
+                    fd = sess.retrieve_fd(int(w["token"]))
+                except LiveUpdateError as e:
+                    res["error"] = f"RETRIEVE_FD: {e}"
+                    results.append(res)
+                    continue
+                self.fds[(name, int(w["token"]))] = fd
+                got.append((res, fd, int(w["size"])))
+            for res, fd, size in got:
+                res["sha256"] = hash_fd(fd, size)
+                res["size"] = os.fstat(fd).st_size
+                try:
+                    res["pfn_runs"] = pfn_runs(self.kernel.memfd_pfns(fd, size))
+                except Exception as e:  # noqa: BLE001 - reported per workload
+                    res["error"] = f"PFNs unreadable: {e}"
+                results.append(res)
+            try:
+                sess.finish()
+            except LiveUpdateError as e:
+                for res, _, _ in got:
+                    res.setdefault("error", f"FINISH: {e}")
+        return {"journal": journal, "journal_error": journal_error, "results": results,
+                "t_restored": time.time()}
+
+    def op_claim(self, req: dict, fds: list[int]) -> tuple[dict, list[int]]:
+        """Hand a retrieved memfd to its workload (the caller) and forget it here."""
+        key = (str(req["session"]), int(req["token"]))
+        fd = self.fds.pop(key, None)
+        if fd is None:
+            raise HolderError(f"no memfd held for session {key[0]!r} token {key[1]}")
+        return {"session": key[0], "token": key[1]}, [fd]
+
+    def op_release(self, req: dict, fds: list[int]) -> dict:
+        """Close held memfds on purpose (all, or one session/token); exit when none left."""
+        sess, tok = req.get("session"), req.get("token")
+        keys = [k for k in self.fds if (sess is None or k[0] == sess)
+                and (tok is None or k[1] == int(tok))]
+        for k in keys:
+            os.close(self.fds.pop(k))
+        if not self.fds:
+            self.running = False
+        return {"released": [[s, t] for s, t in keys]}
+
+    def op_shutdown(self, req: dict, fds: list[int]) -> dict:
+        """Close everything (outgoing sessions are destroyed: nothing is preserved)."""
+        self.running = False
+        return {"closing": sorted(self.sessions)}
+
+    # --- serving ------------------------------------------------------------------------
+    def handle(self, conn: socket.socket) -> None:
+        while True:
+            try:
+                req, fds = recv_msg(conn)
+            except (WireError, OSError):
+                return
+            op = getattr(self, f"op_{req.get('op')}", None) if isinstance(req, dict) else None
+            out_fds: list[int] = []
+            try:
+                if op is None:
+                    raise HolderError(f"unknown request {req!r:.80}")
+                res = op(req, fds)
+                if isinstance(res, tuple):
+                    res, out_fds = res
+                reply = {"ok": True, **res}
+            except (HolderError, LiveUpdateError, SpecError, KeyError, ValueError, OSError) as e:
+                reply = {"ok": False, "error": f"{type(e).__name__}: {e}" if isinstance(e, KeyError)
+                         else str(e)}
+            try:
+                send_msg(conn, reply, out_fds)
+            except OSError:
+                return
+            finally:
+                for fd in out_fds:
+                    os.close(fd)
+            if not self.running:
+                return
+
+    def serve(self) -> None:
+        path = os.path.join(self.state_dir, SOCKET)
+        if os.path.exists(path):
+            os.unlink(path)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        srv.bind(path)
+        os.chmod(path, 0o600)
+        srv.listen(8)
+        with open(os.path.join(self.state_dir, PIDFILE), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        try:
+            while self.running:
+                conn, _ = srv.accept()
+                with conn:
+                    self.handle(conn)
+        finally:
+            srv.close()
+            for p in (path, os.path.join(self.state_dir, PIDFILE)):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            for fd in self.fds.values():
+                os.close(fd)
+            for s in self.sessions.values():
+                s.close()
+            self.lu.close()
+
+
+def run_holder(kernel: Kernel, state_dir: str) -> int:
+    """Entry point of `kho-agent holder`: serve until released or signalled."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        h = Holder(kernel, state_dir)
+    except LiveUpdateError as e:
+        print(f"holder: cannot open /dev/liveupdate: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"holder: pid {os.getpid()} serving {state_dir}", file=sys.stderr, flush=True)
+    h.serve()
+    return 0
+
+
+class HolderClient:
+    """Requests to a running holder."""
+
+    def __init__(self, state_dir: str, timeout: float = 600.0) -> None:
+        self.sock = connect_unix(os.path.join(state_dir, SOCKET), timeout)
+
+    def call(self, op: str, fds: tuple[int, ...] = (), **args: Any) -> tuple[dict, list[int]]:
+        try:
+            send_msg(self.sock, {"op": op, **args}, fds)
+            reply, got = recv_msg(self.sock)
+        except (WireError, OSError) as e:
+            raise HolderError(f"holder went away during {op!r}: {e}") from None
+        if not reply.get("ok"):
+            for fd in got:
+                os.close(fd)
+            raise HolderError(reply.get("error", "holder request failed"))
+        return reply, got
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "HolderClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def holder_client(state_dir: str) -> Optional[HolderClient]:
+    """A client of the running holder, or None if none answers."""
+    try:
+        c = HolderClient(state_dir)
+        c.call("ping")
+        return c
+    except (OSError, HolderError):
+        return None
+
+
+def spawn_holder(state_dir: str, twin_root: Optional[str] = None, timeout: float = 15.0) -> HolderClient:
+    """Start a detached holder (same python, same agent code: works from the zipapp too)."""
+    import kho_agent
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(kho_agent.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if twin_root:
+        env[TWIN_ENV] = twin_root
+    log_path = os.path.join(state_dir, LOG)
+    with open(log_path, "ab") as log, open(os.devnull, "rb") as null:
+        proc = subprocess.Popen([sys.executable, "-m", "kho_agent", "holder",
+                                 "--state-dir", state_dir],
+                                stdin=null, stdout=log, stderr=log, env=env,
+                                start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = _tail(log_path)
+            raise HolderError(f"holder exited with {proc.returncode}: {tail}")
+        c = holder_client(state_dir)
+        if c is not None:
+            return c
+        time.sleep(0.05)
+    proc.kill()
+    raise HolderError(f"holder did not answer within {timeout:.0f}s: {_tail(log_path)}")
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path) as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+        return lines[-1] if lines else "(no output)"
+    except OSError:
+        return "(no log)"

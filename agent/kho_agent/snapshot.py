@@ -1,0 +1,148 @@
+"""Snapshot the outgoing radix tree just before kexec, and read the incoming one back.
+
+The tree's node pages are not preserved across kexec (lab README finding 4): the new
+kernel walks them in early boot and then reuses them. So the agent walks the live tree
+through physical memory before `kexec -e`, carries the result across in its journal,
+and after boot reports truthfully whether the incoming tree is still intact.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from .abi.fdt import FdtError
+from .abi.kho import KhoRoot, decode_kho_fdt
+from .abi.radix import RadixWalk, geometry, walk_radix
+from .abi.versions import UnsupportedAbi
+from .inspect import InspectError, covered, find_kho_fdts
+from .kernel import Kernel
+from .physmem import PhysicalMemory
+
+__all__ = ["outgoing_root", "take_snapshot", "read_incoming"]
+
+
+def outgoing_root(kernel: Kernel, mem: PhysicalMemory) -> tuple[KhoRoot, str, Optional[int]]:
+    """The running kernel's complete outgoing KHO root FDT: (root, source, phys).
+
+    debugfs kho/out/fdt is truncated once subtrees are added, and absent after a KHO
+    boot, so the complete copy is found in memory: matched by the debugfs file's
+    `preserved-memory-map` when there is one, else the best walking candidate that is
+    not the incoming FDT.
+    """
+    ps = kernel.page_size()
+    want: Optional[int] = None
+    blob = kernel.read_debugfs("kho/out/fdt")
+    if blob:
+        try:
+            root = decode_kho_fdt(blob)
+            return root, "debugfs kho/out/fdt", None
+        except (FdtError, UnsupportedAbi):
+            try:
+                want = decode_kho_fdt(blob, tolerant=True).memory_map_root
+            except (FdtError, UnsupportedAbi) as e:
+                raise InspectError(f"debugfs kho/out/fdt unreadable: {e}") from None
+    exclude: set[int] = set()
+    inb = kernel.read_debugfs("kho/in/fdt")
+    if inb:
+        try:
+            exclude.add(decode_kho_fdt(inb).memory_map_root)
+        except (FdtError, UnsupportedAbi):
+            pass
+    best: Optional[tuple[tuple, KhoRoot, int]] = None
+    for c in find_kho_fdts(mem, ps):
+        if c.root is None or c.root.memory_map_root in exclude:
+            continue
+        if want is not None and c.root.memory_map_root != want:
+            continue
+        w = walk_radix(mem.read, c.root.memory_map_root, geometry(ps, c.root.compatible),
+                       in_ram=mem.contains)
+        score = (w.intact, w.nodes, -c.phys)
+        if best is None or score > best[0]:
+            best = (score, c.root, c.phys)
+    if best is None:
+        raise InspectError("outgoing KHO root FDT not found in memory"
+                           + (f" (debugfs kho/out/fdt names root 0x{want:x})" if want else ""))
+    src = ("memory (debugfs kho/out/fdt is truncated)" if want is not None
+           else "memory scan (no debugfs kho/out/fdt: KHO boot)")
+    return best[1], f"{src} at 0x{best[2]:x}", best[2]
+
+
+def _summary(w: RadixWalk) -> dict:
+    return {"root": w.root, "intact": w.intact, "errors": w.errors[:16], "nodes": w.nodes,
+            "node_pages": w.node_pages, "blocks": w.blocks,
+            "pages_by_order": {str(k): v for k, v in sorted(w.pages_by_order.items())},
+            "bytes": w.preserved_bytes}
+
+
+def take_snapshot(kernel: Kernel, workload_pfns: Optional[dict[str, list[int]]] = None) -> dict:
+    """Walk the live outgoing tree; say whether every workload PFN is in it."""
+    ps = kernel.page_size()
+    with kernel.open_physmem() as mem:
+        root, source, phys = outgoing_root(kernel, mem)
+        w = walk_radix(mem.read, root.memory_map_root, geometry(ps, root.compatible),
+                       in_ram=mem.contains)
+        snap = _summary(w)
+        snap.update({"compatible": root.compatible, "fdt_source": source, "fdt_phys": phys,
+                     "memory": mem.source, "page_size": ps, "taken_at": time.time(),
+                     "subtrees": {s.name: [s.phys, s.size] for s in root.subtrees}})
+    if workload_pfns is not None:
+        ranges = w.ranges()
+        missing = {key: [p for p in pfns if not covered(ranges, p * ps, ps)][:16]
+                   for key, pfns in workload_pfns.items()}
+        snap["workload_pfns_missing"] = {k: v for k, v in missing.items() if v}
+    return snap
+
+
+def read_incoming(kernel: Kernel, snapshot: Optional[dict]) -> dict:
+    """After boot: the incoming KHO FDT, kexec-metadata, and the state of the old tree.
+
+    Returns {"present", "compatible", "root", "intact", "valid_nodes", "errors",
+    "metadata", "matches_snapshot"}; present=False when the new kernel has no kho/in
+    (not a KHO boot, or the handover FDT was refused -- e.g. an ABI mismatch).
+    """
+    from .abi.metadata import MetadataError, decode_metadata
+    blob = kernel.read_debugfs("kho/in/fdt")
+    if not blob:
+        return {"present": False, "root": None, "intact": False, "valid_nodes": 0,
+                "errors": ["no debugfs kho/in/fdt: the new kernel did not take the handover "
+                           "(not a KHO boot, or it refused the handover FDT)"],
+                "metadata": None}
+    try:
+        root = decode_kho_fdt(blob)
+    except (FdtError, UnsupportedAbi) as e:
+        return {"present": True, "root": None, "intact": False, "valid_nodes": 0,
+                "errors": [f"kho/in/fdt: {e}"], "metadata": None}
+    md = None
+    mblob = kernel.read_debugfs("kho/in/sub_fdts/kexec-metadata")
+    if mblob:
+        try:
+            md = decode_metadata(mblob).to_json()
+        except MetadataError as e:
+            md = {"error": str(e)}
+    ps = kernel.page_size()
+    with kernel.open_physmem() as mem:
+        w = walk_radix(mem.read, root.memory_map_root, geometry(ps, root.compatible),
+                       in_ram=mem.contains)
+    out = {"present": True, "compatible": root.compatible, "root": root.memory_map_root,
+           "intact": w.intact, "valid_nodes": w.nodes, "errors": w.errors[:16],
+           "metadata": md, "matches_snapshot": None}
+    if snapshot is not None:
+        if snapshot.get("root") != root.memory_map_root:
+            out["errors"].append(f"incoming root 0x{root.memory_map_root:x} is not the "
+                                 f"snapshot's 0x{snapshot.get('root', 0):x}")
+            out["matches_snapshot"] = False
+        elif w.intact:
+            out["matches_snapshot"] = _contains(w, snapshot)
+        else:
+            out["errors"].append("tree no longer intact: its node pages were never preserved "
+                                 "and the new kernel has reused them; the pre-kexec snapshot "
+                                 "is the record")
+    return out
+
+
+def _contains(w: RadixWalk, snapshot: dict) -> bool:
+    """Every snapshot block is in the walked tree (LUO adds blocks at kexec time)."""
+    ranges = w.ranges()
+    ps = w.geometry.page_size
+    return all(covered(ranges, p, c * (ps << o)) for p, o, c in snapshot.get("blocks", []))
