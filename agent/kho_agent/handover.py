@@ -141,11 +141,19 @@ class Agent:
         self._save()
         return out
 
+    def _records(self, phase: str) -> list[dict]:
+        """Every preserved workload, from the holder (it also knows adopted memfds)."""
+        c = holder_client(self.dir)
+        if c is None:
+            raise self._fail(phase, "no holder is running: nothing is preserved (run preserve)")
+        with c:
+            reply, _ = c.call("records")
+        return reply["workloads"]
+
     def snapshot(self) -> dict:
         """Walk the live outgoing radix tree and keep it for after the kexec."""
-        pres = read_json(self._path(PRESERVE_FILE)) or {"workloads": []}
         pfns = {f"{w['session']}/{w['token']}": runs_to_pfns(w["pfn_runs"])
-                for w in pres["workloads"]}
+                for w in self._records("snapshot")}
         try:
             snap = take_snapshot(self.kernel, pfns)
         except (OSError, KernelError, ValueError) as e:
@@ -162,16 +170,16 @@ class Agent:
             raise AgentError("kexec", "refusing to kexec without --yes")
         if not self.kernel.kexec_loaded():
             raise self._fail("kexec", "no kernel staged (kexec_loaded is 0): run stage first")
-        pres = read_json(self._path(PRESERVE_FILE))
+        workloads = self._records("kexec")
         snap = read_json(self._path(SNAPSHOT_FILE))
         if snap is None:
             raise self._fail("kexec", "no radix snapshot: run snapshot first")
         staged = self.state.staged or {}
         journal = {
             "schema": JOURNAL_SCHEMA, "handover_id": self.state.handover_id,
-            "host": os.uname().nodename, "kernel_from": staged.get("running") or running_abi(self.kernel),
+            "host": self.kernel.hostname(), "kernel_from": staged.get("running") or running_abi(self.kernel),
             "kernel_to": {k: staged.get(k) for k in ("kernel", "sha256", "target")},
-            "workloads": (pres or {}).get("workloads", []), "snapshot": snap,
+            "workloads": workloads, "snapshot": snap,
             "stamps": {h["phase"]: h["t"] for h in self.state.history},
         }
         journal["stamps"]["kexec"] = time.time()
@@ -199,21 +207,37 @@ class Agent:
         agent_start = agent_start or time.time()
         disk = read_journal(self.dir)
         incoming = read_incoming(self.kernel, (disk or {}).get("snapshot"))
-        try:
-            c = holder_client(self.dir) or spawn_holder(self.dir, os.environ.get(TWIN_ENV))
-            with c:
-                reply, _ = c.call("retrieve", journal=disk)
-        except (HolderError, LiveUpdateError) as e:
-            out = {"incoming": incoming, "journal": disk, "results": [],
-                   "error": str(e), "agent_start": agent_start,
-                   "kernel_boot_time": self.kernel.boot_time(), "t_restored": None,
-                   "release": self.kernel.release()}
-            write_json(self._path(VERIFY_FILE), out)
-            raise self._fail("verify", f"retrieval failed: {e}") from None
+        reply, lost_holder = None, None
+        for attempt in range(2):
+            try:
+                c = holder_client(self.dir) or spawn_holder(self.dir, os.environ.get(TWIN_ENV))
+                with c:
+                    reply, _ = c.call("retrieve", journal=disk)
+                break
+            except (HolderError, LiveUpdateError) as e:
+                # A holder killed mid-retrieval takes every session it had retrieved but
+                # not FINISHed with it (LUO drops them on close). Retry once with a fresh
+                # holder so the report can say exactly which workloads were lost.
+                if attempt == 0 and "went away" in str(e) and disk is not None:
+                    lost_holder = str(e)
+                    continue
+                out = {"incoming": incoming, "journal": disk, "results": [],
+                       "error": str(e), "agent_start": agent_start,
+                       "kernel_boot_time": self.kernel.boot_time(), "t_restored": None,
+                       "release": self.kernel.release()}
+                write_json(self._path(VERIFY_FILE), out)
+                raise self._fail("verify", f"retrieval failed: {e}") from None
+        assert reply is not None
+        if lost_holder:
+            for r in reply["results"]:
+                if r.get("error"):
+                    r["error"] += f" (the first holder died mid-retrieval: {lost_holder})"
         journal = reply["journal"]
         if disk and disk.get("handover_id") == journal.get("handover_id"):
+            # the disk copy was written after the memfd was sealed: its stamps are later
             journal = {**journal, "stamps": {**journal.get("stamps", {}),
-                                             **disk.get("stamps", {})}}
+                                             **disk.get("stamps", {})},
+                       "agent_kexec_s": disk.get("agent_kexec_s")}
         out = {"incoming": incoming, "journal": journal, "journal_error": reply.get("journal_error"),
                "results": reply["results"], "agent_start": agent_start,
                "kernel_boot_time": self.kernel.boot_time(), "t_restored": reply["t_restored"],
@@ -225,7 +249,7 @@ class Agent:
                                              journal.get("stamps", {}).items()])
         self.state.enter("boot", t=out["kernel_boot_time"])
         from .report import build_report
-        rep = build_report(out, self.state)
+        rep = build_report(out, self.state, self.kernel.hostname())
         if rep["result"] != "success":
             self.state.fail(rep["failure"]["phase"], rep["failure"]["reason"])
         self.state.enter("verify")
@@ -236,7 +260,7 @@ class Agent:
         """Write report.json and the node_exporter textfile; return the report."""
         from .report import build_report, write_report
         ver = read_json(self._path(VERIFY_FILE))
-        rep = build_report(ver, self.state)
+        rep = build_report(ver, self.state, self.kernel.hostname())
         write_report(rep, self.dir, textfile_dir)
         if self.state.phase != "report":
             self.state.enter("report")

@@ -46,13 +46,16 @@ class Holder:
         self.kernel = kernel
         self.state_dir = state_dir
         self.lu: LiveUpdate = kernel.open_liveupdate()
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}       # outgoing: created in this kernel
+        self.incoming: dict[str, Session] = {}       # retrieved from the previous kernel
         self.fds: dict[tuple[str, int], int] = {}
+        self.records: dict[tuple[str, int], dict] = {}    # what was preserved, for the journal
         self.running = True
 
     # --- requests --------------------------------------------------------------------
     def op_ping(self, req: dict, fds: list[int]) -> dict:
         return {"pid": os.getpid(), "sessions": sorted(self.sessions),
+                "incoming": sorted(self.incoming),
                 "memfds": [[s, t] for s, t in sorted(self.fds)]}
 
     def _session(self, name: str) -> Session:
@@ -66,17 +69,32 @@ class Holder:
         sess.preserve_fd(fd, token)
         self.fds[(session, token)] = fd
         pfns = self.kernel.memfd_pfns(fd, size)
-        return {"session": session, "token": token, "size": size, "sha256": sha,
-                "pfn_runs": pfn_runs(pfns), "source": source}
+        rec = {"session": session, "token": token, "size": size, "sha256": sha,
+               "pfn_runs": pfn_runs(pfns), "source": source}
+        self.records[(session, token)] = rec
+        return rec
+
+    def op_records(self, req: dict, fds: list[int]) -> dict:
+        """Every workload preserved so far (created or adopted), for snapshot and journal."""
+        return {"workloads": list(self.records.values())}     # in preservation order
 
     def op_preserve(self, req: dict, fds: list[int]) -> dict:
-        """Create (or take over) every memfd of a spec and preserve it."""
+        """Create every memfd of a spec and preserve it. A memfd this holder already holds
+        from the previous handover is preserved again as it is (its bytes and pages go on
+        living across the next kexec too)."""
         spec = parse_spec(req["spec"], "spec")
         ps = self.kernel.page_size()
         records = []
         for s in spec.sessions:
             for m in s.memfds:
-                if m.adopt or (s.name, m.token) in self.fds:
+                key = (s.name, m.token)
+                if m.adopt or key in self.records:
+                    continue
+                if key in self.fds:
+                    fd = self.fds[key]
+                    size = os.fstat(fd).st_size
+                    records.append(self._preserve(s.name, m.token, fd, size, hash_fd(fd, size),
+                                                  "carried"))
                     continue
                 data = fill_pattern(m.token, m.seed, m.size, ps)
                 sha = hashlib.sha256(data).hexdigest()
@@ -121,7 +139,7 @@ class Holder:
         journal_error = None
         try:
             sess = self.lu.retrieve_session(AGENT_SESSION)
-            self.sessions[AGENT_SESSION] = sess
+            self.incoming[AGENT_SESSION] = sess
             jfd = sess.retrieve_fd(JOURNAL_TOKEN)
             with os.fdopen(jfd, "rb") as f:
                 journal = json.loads(f.read().decode())
@@ -143,7 +161,7 @@ class Holder:
                 results += [{"session": name, "token": w["token"], "error": f"session lost: {e}"}
                             for w in ws]
                 continue
-            self.sessions[name] = sess
+            self.incoming[name] = sess
             got = []
             for w in ws:
                 res: dict[str, Any] = {"session": name, "token": w["token"]}
@@ -248,7 +266,7 @@ class Holder:
                     pass
             for fd in self.fds.values():
                 os.close(fd)
-            for s in self.sessions.values():
+            for s in list(self.sessions.values()) + list(self.incoming.values()):
                 s.close()
             self.lu.close()
 

@@ -55,7 +55,7 @@ def _span(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else round(b - a, 6)
 
 
-def build_report(verify: Optional[dict], state: AgentState) -> dict:
+def build_report(verify: Optional[dict], state: AgentState, host: Optional[str] = None) -> dict:
     """The report for this host's current handover (a partial one before/without verify)."""
     verify = verify or {}
     journal = verify.get("journal") or {}
@@ -86,7 +86,7 @@ def build_report(verify: Optional[dict], state: AgentState) -> dict:
 
     return {
         "schema": SCHEMA,
-        "host": journal.get("host") or os.uname().nodename,
+        "host": journal.get("host") or host or os.uname().nodename,
         "handover_id": journal.get("handover_id") or state.handover_id,
         "result": result,
         "failure": failure,

@@ -67,6 +67,48 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_UNUSABLE, f"{self.prog}: error: {message}\n")
 
 
+def cmd_build_agent(args: argparse.Namespace) -> int:
+    """Pack the stdlib-only agent into one zipapp (kho-agent.pyz) for the hosts."""
+    from .agentbuild import build_agent
+    path, digest = build_agent(args.out)
+    if args.json:
+        json.dump({"path": os.path.abspath(path), "sha256": digest}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{path}  sha256 {digest}")
+    return 0
+
+
+def cmd_sim_handover(args: argparse.Namespace) -> int:
+    """One full handover on a fresh digital-twin host, through the real agent."""
+    import tempfile
+
+    from .sim.handover import AGENT_FAULTS, TWIN_FAULTS, run_sim_handover
+    if args.fault and args.fault not in TWIN_FAULTS + AGENT_FAULTS:
+        raise CliError(f"--fault {args.fault!r}: known faults are "
+                       + ", ".join(TWIN_FAULTS + AGENT_FAULTS))
+    if args.workload_mib < 1 or args.workload_mib > 4096:
+        raise CliError(f"--workload-mib {args.workload_mib}: 1..4096")
+    work = args.workdir or tempfile.mkdtemp(prefix="kho-sim-")
+    res = run_sim_handover(work, fault=args.fault, workload_mib=args.workload_mib,
+                           boot_timeout=args.boot_timeout)
+    rep = res.report
+    if args.json:
+        json.dump(rep, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        from rich.console import Console
+
+        from .report_view import render_handover
+        render_handover(rep, Console())
+        if args.workdir or args.keep:
+            print(f"twin host kept at {res.root}")
+    if not args.workdir and not args.keep:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if rep.get("result") == "success" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kho-fleet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -84,6 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="4096 (default), 16384 or 65536")
     ins.add_argument("--json", action="store_true", help="print the JSON report")
     ins.set_defaults(func=cmd_inspect)
+
+    ba = sub.add_parser("build-agent", help=cmd_build_agent.__doc__.splitlines()[0])
+    ba.add_argument("--out", default="build/kho-agent.pyz", metavar="PATH")
+    ba.add_argument("--json", action="store_true")
+    ba.set_defaults(func=cmd_build_agent)
+
+    sim = sub.add_parser("sim", help="the digital-twin fleet").add_subparsers(
+        dest="sim_command", required=True, metavar="COMMAND")
+    sh = sim.add_parser("handover", help=cmd_sim_handover.__doc__.splitlines()[0],
+                        description=cmd_sim_handover.__doc__)
+    sh.add_argument("--fault", metavar="NAME", help="inject a fault (kexec-load-fails, "
+                    "never-returns, slow-boot, bitflip, lost-page, abi-mismatch, "
+                    "kill-agent-before-finish, abi-mismatch-image)")
+    sh.add_argument("--workload-mib", type=_int, default=64, metavar="N")
+    sh.add_argument("--boot-timeout", type=float, default=30.0, metavar="SECONDS")
+    sh.add_argument("--workdir", metavar="DIR", help="keep the twin host here")
+    sh.add_argument("--keep", action="store_true", help="keep the temporary twin host")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=cmd_sim_handover)
     return p
 
 

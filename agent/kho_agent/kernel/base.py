@@ -96,6 +96,10 @@ class Kernel(ABC):
     def release(self) -> str:
         """uname -r."""
 
+    def hostname(self) -> str:
+        """The host's name as reports show it."""
+        return os.uname().nodename
+
     @abstractmethod
     def cmdline(self) -> str:
         """/proc/cmdline."""
@@ -144,6 +148,10 @@ class Kernel(ABC):
     @abstractmethod
     def memfd_pfns(self, fd: int, size: int) -> list[int]:
         """PFN of every page of memfd `fd` (pagemap); 0 where a page is not present."""
+
+    def dmesg(self) -> Optional[str]:
+        """The kernel log of this boot, where readable ("KHO: exec from: ...")."""
+        return None
 
     def page_flags(self, pfns: list[int]) -> Optional[list[int]]:
         """/proc/kpageflags of `pfns`, or None where the kernel does not offer it."""

@@ -1,0 +1,403 @@
+"""A rollout plan: which kernel, which workloads to preserve, which hosts in which stages.
+
+    name: canary then the rest
+    hosts: all                      # an inventory pattern (default all)
+    target:
+      kernel: ../images/bzImage     # a file (relative to this playbook), or twin:<release>
+      sha256: 72df46...             # required for a file; optional for twin:
+      initrd: initrd.img            # optional, with optional initrd_sha256
+      cmdline: reuse                # reuse (the running kernel's) or a literal command line
+    workloads:                      # the agent's spec (kho_agent.workload)
+      sessions: [{name: vm-ram, memfds: [{token: 0x1001, size: 64MiB, seed: 1}]}]
+    stages:
+      - {name: canary, hosts: 1, gate: {max_downtime_p95_s: 20}, pause: manual}
+      - {name: rest, max_parallel: 4}
+    on_failure: halt                # halt | continue | rollback
+    timeouts: {ssh_s: 30, boot_s: 300, verify_s: 120}
+
+Decisions:
+- `kernel: twin:<release>` names a digital-twin kernel image with that release, built on
+  demand by kho_fleet.sim.kernelimage (deterministic bytes). It can only be rolled out to
+  `kho_transport: sim` hosts; its sha256 is optional (checked after the build if given).
+- A kernel *file* must be pinned by sha256; nothing is computed and pinned silently, so the
+  image that was reviewed is the image that boots. Loading a playbook does not read the
+  kernel (it may live on another machine); `Target.check_files()` hashes it at rollout start.
+- Stages take hosts in inventory order from the play's `hosts:` pattern, each taking only
+  hosts no earlier stage took: `hosts: N` the next N, `hosts: "P%"` ceil(P% of the whole
+  play) but at least 1, `hosts: <pattern>` (a group, host or list) the remaining hosts it
+  matches, `hosts: rest` (or no `hosts:`, last stage only) all that remain. A stage may come
+  out empty; hosts no stage takes are left alone.
+- Gates are judged per stage, over that stage's hosts. Defaults: min_success_ratio 1.0,
+  all_workloads_verified true, no downtime or failed-host limit. `pause` (seconds, or
+  `manual` for an operator's go-ahead) is waited after a stage passes its gate.
+- Every error is one line: `file:line: field: problem` (PlaybookError).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Optional, Union
+
+from kho_agent.workload import SpecError, WorkloadSpec, parse_spec
+
+from .inventory import Inventory, InventoryError, YamlDoc, load_yaml
+
+__all__ = ["PlaybookError", "Target", "Gate", "Stage", "Timeouts", "Playbook", "load_playbook",
+           "TWIN_SCHEME", "ON_FAILURE"]
+
+TWIN_SCHEME = "twin:"
+ON_FAILURE = ("halt", "continue", "rollback")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_RELEASE = re.compile(r"^[A-Za-z0-9._+\-]+$")
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+_PATTERN = re.compile(r"^[A-Za-z0-9_.\-*?!&,:\[\] ]+$")
+
+
+class PlaybookError(ValueError):
+    """A bad playbook; the one-line message starts with `file:line:`."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The kernel to kexec: a pinned file, or a twin image built on demand."""
+
+    kernel: str                       # absolute path, or "twin:<release>"
+    sha256: Optional[str] = None      # lower-case hex
+    initrd: Optional[str] = None
+    initrd_sha256: Optional[str] = None
+    cmdline: Optional[str] = None     # None = reuse the running kernel's
+    where: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_twin(self) -> bool:
+        return self.kernel.startswith(TWIN_SCHEME)
+
+    @property
+    def twin_release(self) -> Optional[str]:
+        return self.kernel[len(TWIN_SCHEME):] if self.is_twin else None
+
+    def check_files(self) -> None:
+        """Hash the kernel (and initrd) files against their pins; PlaybookError if not."""
+        for what, path, pin in (("kernel", self.kernel, self.sha256),
+                                ("initrd", self.initrd, self.initrd_sha256)):
+            if path is None or (what == "kernel" and self.is_twin):
+                continue
+            try:
+                got = _sha256_file(path)
+            except OSError as e:
+                raise PlaybookError(f"{self.where[what]}: target.{what}: {path}: "
+                                    f"{e.strerror}") from None
+            if pin is not None and got != pin:
+                key = "sha256" if what == "kernel" else "initrd_sha256"
+                raise PlaybookError(f"{self.where.get(key, self.where[what])}: target.{key}: "
+                                    f"{path} has sha256 {got}, the playbook pins {pin}")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a stage must achieve, over its own hosts, before the rollout goes on."""
+
+    min_success_ratio: float = 1.0
+    max_downtime_p95_s: Optional[float] = None
+    all_workloads_verified: bool = True
+    max_failed_hosts: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the rollout: how hosts are picked (`select`, `value`), parallelism, gate."""
+
+    name: str
+    select: str                       # count | percent | pattern | rest
+    value: Union[int, float, str, None]
+    max_parallel: int = 1
+    gate: Gate = field(default_factory=Gate)
+    pause: Union[float, str] = 0.0    # seconds, or "manual"
+    where: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds: one SSH operation, a host's return after kexec, verification."""
+
+    ssh_s: float = 30.0
+    boot_s: float = 300.0
+    verify_s: float = 120.0
+
+
+@dataclass
+class Playbook:
+    """A checked playbook file."""
+
+    path: str
+    name: str
+    hosts: str
+    target: Target
+    workloads: WorkloadSpec
+    stages: list[Stage]
+    on_failure: str = "halt"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    sha256: str = ""
+    where: dict = field(default_factory=dict, repr=False)
+
+    def assign_hosts(self, inventory: Inventory) -> list[list[str]]:
+        """Host names per stage (index-aligned with `stages`), in inventory order."""
+        try:
+            play = [h.name for h in inventory.hosts_matching(self.hosts)]
+        except InventoryError as e:
+            raise PlaybookError(f"{self.where['hosts']}: hosts: {e}") from None
+        if not play:
+            raise PlaybookError(f"{self.where['hosts']}: hosts: {self.hosts!r} matches no "
+                                f"host in {inventory.path}")
+        if self.target.is_twin:
+            for n in play:
+                if inventory.hosts[n].transport != "sim":
+                    raise PlaybookError(
+                        f"{self.target.where['kernel']}: target.kernel: {self.target.kernel} "
+                        f"is a twin image, but host {n!r} has kho_transport: "
+                        f"{inventory.hosts[n].transport} (twin images go to sim hosts only)")
+        remaining = list(play)
+        out: list[list[str]] = []
+        for st in self.stages:
+            if st.select == "count":
+                take = remaining[:int(st.value)]                     # type: ignore[arg-type]
+            elif st.select == "percent":
+                n = max(1, math.ceil(Fraction(str(st.value)) * len(play) / 100))
+                take = remaining[:n]
+            elif st.select == "pattern":
+                try:
+                    names = {h.name for h in inventory.hosts_matching(str(st.value))}
+                except InventoryError as e:
+                    raise PlaybookError(f"{st.where}: stage {st.name!r}: hosts: {e}") from None
+                take = [h for h in remaining if h in names]
+            else:
+                take = list(remaining)
+            chosen = set(take)
+            remaining = [h for h in remaining if h not in chosen]
+            out.append(take)
+        return out
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_TOP = ("name", "hosts", "target", "workloads", "stages", "on_failure", "timeouts")
+_TARGET = ("kernel", "sha256", "initrd", "initrd_sha256", "cmdline")
+_STAGE = ("name", "hosts", "max_parallel", "gate", "pause")
+_GATE = ("min_success_ratio", "max_downtime_p95_s", "all_workloads_verified", "max_failed_hosts")
+_TIMEOUTS = ("ssh_s", "boot_s", "verify_s")
+_SPEC_ERR = re.compile(r"^workloads: sessions\[(\d+)\](?:\.memfds\[(\d+)\])?(?:\.(\w+))?: (.*)$")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Checker:
+    def __init__(self, doc: YamlDoc) -> None:
+        self.doc = doc
+        self.base = os.path.dirname(os.path.abspath(doc.path))
+
+    def where(self, path: tuple) -> str:
+        return f"{self.doc.path}:{self.doc.line(path)}"
+
+    def string(self, path: tuple, v: Any) -> str:
+        if not isinstance(v, str) or not v.strip():
+            self.doc.fail(path, f"must be a non-empty string, got {v!r}")
+        return v
+
+    def pos_int(self, path: tuple, v: Any) -> int:
+        if not _is_int(v) or v < 1:
+            self.doc.fail(path, f"must be a positive integer, got {v!r}")
+        return v
+
+    def seconds(self, path: tuple, v: Any) -> float:
+        if not _is_num(v) or v <= 0:
+            self.doc.fail(path, f"must be a positive number of seconds, got {v!r}")
+        return float(v)
+
+    def sha(self, path: tuple, v: Any) -> str:
+        if not isinstance(v, str) or not _HEX64.match(v):
+            self.doc.fail(path, f"must be 64 hex digits (a sha256), got {v!r}")
+        return v.lower()
+
+    def file(self, path: tuple, v: Any) -> str:
+        self.string(path, v)
+        return os.path.normpath(os.path.join(self.base, os.path.expanduser(v)))
+
+    def run(self) -> Playbook:
+        doc = self.doc
+        top = doc.mapping((), doc.data, _TOP, required=("name", "target", "stages"))
+        name = self.string(("name",), top["name"])
+        hosts = top.get("hosts", "all")
+        if not isinstance(hosts, str) or not _PATTERN.match(hosts):
+            doc.fail(("hosts",), f"must be an inventory pattern like 'all' or 'rack-a,rack-b', "
+                                 f"got {hosts!r}")
+        target = self.target(top["target"])
+        workloads = self.workloads(top.get("workloads"))
+        stages = self.stages(top["stages"])
+        on_failure = top.get("on_failure", "halt")
+        if on_failure not in ON_FAILURE:
+            doc.fail(("on_failure",), "must be one of " + ", ".join(ON_FAILURE)
+                     + f", got {on_failure!r}")
+        t = doc.mapping(("timeouts",), top.get("timeouts"), _TIMEOUTS)
+        timeouts = Timeouts(**{k: self.seconds(("timeouts", k), v) for k, v in t.items()})
+        where = {"hosts": self.where(("hosts",)) if "hosts" in top else f"{doc.path}:1"}
+        return Playbook(doc.path, name, hosts, target, workloads, stages, on_failure, timeouts,
+                        where=where)
+
+    def target(self, raw: Any) -> Target:
+        doc = self.doc
+        t = doc.mapping(("target",), raw, _TARGET, required=("kernel",))
+        kp = ("target", "kernel")
+        kernel = self.string(kp, t["kernel"])
+        where = {k: self.where(("target", k)) for k in _TARGET}
+        if kernel.startswith(TWIN_SCHEME):
+            release = kernel[len(TWIN_SCHEME):]
+            if not _RELEASE.match(release):
+                doc.fail(kp, f"twin:<release> needs a kernel release like twin:7.2.14-twin, "
+                             f"got {kernel!r}")
+        else:
+            kernel = self.file(kp, kernel)
+            if t.get("sha256") is None:
+                doc.fail(("target", "sha256"), "required for a kernel file (pin the image; "
+                                               "only twin:<release> kernels may omit it)")
+        sha = self.sha(("target", "sha256"), t["sha256"]) if t.get("sha256") is not None else None
+        initrd = self.file(("target", "initrd"), t["initrd"]) if t.get("initrd") else None
+        isha = t.get("initrd_sha256")
+        if isha is not None:
+            if initrd is None:
+                doc.fail(("target", "initrd_sha256"), "given without target.initrd")
+            isha = self.sha(("target", "initrd_sha256"), isha)
+        cmdline = t.get("cmdline", "reuse")
+        if not isinstance(cmdline, str) or not cmdline.strip():
+            doc.fail(("target", "cmdline"), f"must be 'reuse' or a kernel command line, "
+                                            f"got {cmdline!r}")
+        return Target(kernel, sha, initrd, isha, None if cmdline == "reuse" else cmdline, where)
+
+    def workloads(self, raw: Any) -> WorkloadSpec:
+        doc = self.doc
+        if raw is None:
+            return WorkloadSpec()
+        w = doc.mapping(("workloads",), raw, ("sessions",), required=("sessions",))
+        sessions = w["sessions"]
+        if not isinstance(sessions, list):
+            doc.fail(("workloads", "sessions"), f"expected a list, got {type(sessions).__name__}")
+        for i, s in enumerate(sessions):
+            sp = ("workloads", "sessions", i)
+            s = doc.mapping(sp, s, ("name", "memfds"), required=("name",))
+            memfds = s.get("memfds")
+            if memfds is not None and not isinstance(memfds, list):
+                doc.fail(sp + ("memfds",), f"expected a list, got {type(memfds).__name__}")
+            for j, m in enumerate(memfds or []):
+                doc.mapping(sp + ("memfds", j), m, ("token", "size", "seed", "adopt"),
+                            required=("token",))
+        try:
+            return parse_spec(w, "workloads")
+        except SpecError as e:
+            m = _SPEC_ERR.match(str(e))
+            if not m:
+                doc.fail(("workloads",), str(e).split(": ", 1)[-1])
+            path: tuple = ("workloads", "sessions", int(m.group(1)))
+            if m.group(2) is not None:
+                path += ("memfds", int(m.group(2)))
+            if m.group(3):
+                path += (m.group(3),)
+            doc.fail(path, m.group(4))
+
+    def stages(self, raw: Any) -> list[Stage]:
+        doc = self.doc
+        if not isinstance(raw, list) or not raw:
+            doc.fail(("stages",), "must be a non-empty list of stages")
+        out: list[Stage] = []
+        names: dict[str, int] = {}
+        for i, s in enumerate(raw):
+            p = ("stages", i)
+            s = doc.mapping(p, s, _STAGE, required=("name",))
+            name = self.string(p + ("name",), s["name"])
+            if name in names:
+                doc.fail(p + ("name",), f"{name!r} is also stages[{names[name]}].name")
+            names[name] = i
+            last = i == len(raw) - 1
+            select, value = self.selection(p + ("hosts",), s.get("hosts"), last)
+            max_parallel = self.pos_int(p + ("max_parallel",), s.get("max_parallel", 1))
+            gate = self.gate(p + ("gate",), s.get("gate"))
+            pause: Union[float, str] = s.get("pause", 0)
+            if pause != "manual":
+                if not _is_num(pause) or pause < 0:
+                    doc.fail(p + ("pause",), f"must be seconds (>= 0) or 'manual', got {pause!r}")
+                pause = float(pause)
+            out.append(Stage(name, select, value, max_parallel, gate, pause,
+                             self.where(p + ("hosts",) if "hosts" in s else p)))
+        return out
+
+    def selection(self, path: tuple, v: Any, last: bool) -> tuple[str, Any]:
+        doc = self.doc
+        if v is None or v == "rest":
+            if not last:
+                doc.fail(path, "required (only the last stage may omit it or say 'rest')"
+                         if v is None else "'rest' is only allowed in the last stage")
+            return "rest", None
+        if _is_int(v):
+            if v < 1:
+                doc.fail(path, f"must be a positive host count, got {v!r}")
+            return "count", v
+        if isinstance(v, str):
+            m = _PERCENT.match(v)
+            if m:
+                pct = float(m.group(1))
+                if not 0 < pct <= 100:
+                    doc.fail(path, f"a percentage must be in (0, 100], got {v!r}")
+                return "percent", pct
+            if _PATTERN.match(v) and "%" not in v:
+                return "pattern", v.strip()
+        doc.fail(path, "must be a host count, a percentage like '25%', a group or host "
+                       f"pattern, or 'rest', got {v!r}")
+
+    def gate(self, path: tuple, raw: Any) -> Gate:
+        doc = self.doc
+        g = doc.mapping(path, raw, _GATE)
+        kw: dict[str, Any] = {}
+        if "min_success_ratio" in g:
+            v = g["min_success_ratio"]
+            if not _is_num(v) or not 0 <= v <= 1:
+                doc.fail(path + ("min_success_ratio",), f"must be a number in 0..1, got {v!r}")
+            kw["min_success_ratio"] = float(v)
+        if g.get("max_downtime_p95_s") is not None:
+            kw["max_downtime_p95_s"] = self.seconds(path + ("max_downtime_p95_s",),
+                                                    g["max_downtime_p95_s"])
+        if "all_workloads_verified" in g:
+            v = g["all_workloads_verified"]
+            if not isinstance(v, bool):
+                doc.fail(path + ("all_workloads_verified",), f"must be true or false, got {v!r}")
+            kw["all_workloads_verified"] = v
+        if g.get("max_failed_hosts") is not None:
+            v = g["max_failed_hosts"]
+            if not _is_int(v) or v < 0:
+                doc.fail(path + ("max_failed_hosts",),
+                         f"must be a non-negative integer, got {v!r}")
+            kw["max_failed_hosts"] = v
+        return Gate(**kw)
+
+
+def load_playbook(path: str) -> Playbook:
+    """Read and check a playbook; PlaybookError('file:line: field: problem') if bad."""
+    doc = load_yaml(path, PlaybookError)
+    pb = _Checker(doc).run()
+    pb.sha256 = _sha256_file(path)
+    return pb
+
