@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
+from . import journal
 from .holder import HolderClient, HolderError, holder_client, spawn_holder
 from .kernel import Kernel, KernelError, LiveUpdateError, TWIN_ENV
 from .preflight import preflight, running_abi
@@ -21,9 +22,7 @@ __all__ = ["AgentError", "Agent"]
 
 PRESERVE_FILE = "preserve.json"
 SNAPSHOT_FILE = "snapshot.json"
-JOURNAL_FILE = "journal.json"
 VERIFY_FILE = "verify.json"
-JOURNAL_SCHEMA = "kho-fleet/journal/v1"
 
 
 class AgentError(Exception):
@@ -151,7 +150,8 @@ class Agent:
         return reply["workloads"]
 
     def snapshot(self) -> dict:
-        """Walk the live outgoing radix tree and keep it for after the kexec."""
+        """Walk the live outgoing radix tree; the journal body (snapshot, workload hashes
+        and PFNs) is written now, so the kexec window only adds the final stamps."""
         pfns = {f"{w['session']}/{w['token']}": runs_to_pfns(w["pfn_runs"])
                 for w in self._records("snapshot")}
         try:
@@ -160,39 +160,46 @@ class Agent:
             raise self._fail("snapshot", str(e)) from None
         write_json(self._path(SNAPSHOT_FILE), snap)
         self.state.enter("snapshot")
+        staged = self.state.staged or {}
+        body = {
+            "schema": journal.SCHEMA, "handover_id": self.state.handover_id,
+            "host": self.kernel.hostname(),
+            "kernel_from": staged.get("running") or running_abi(self.kernel),
+            "kernel_to": {k: staged.get(k) for k in ("kernel", "sha256", "target")},
+            "snapshot": snap, "stamps": {h["phase"]: h["t"] for h in self.state.history},
+        }
+        with self._holder() as h:
+            try:
+                h.call("prepare", journal=body)
+            except HolderError as e:
+                raise self._fail("snapshot", str(e)) from None
         self._save()
         return {k: v for k, v in snap.items() if k not in ("blocks", "node_pages")}
 
     def kexec(self, *, yes: bool) -> dict:
-        """Seal the journal into a preserved memfd and on disk, then `kexec -e`."""
+        """Seal the journal (final stamps) into its preserved memfd and on disk, then
+        `kexec -e`. Everything big was written at snapshot time: this window is short."""
         t0 = time.time()
         if not yes:
             raise AgentError("kexec", "refusing to kexec without --yes")
         if not self.kernel.kexec_loaded():
             raise self._fail("kexec", "no kernel staged (kexec_loaded is 0): run stage first")
-        workloads = self._records("kexec")
-        snap = read_json(self._path(SNAPSHOT_FILE))
-        if snap is None:
+        if self.state.stamp("snapshot") is None:
             raise self._fail("kexec", "no radix snapshot: run snapshot first")
-        staged = self.state.staged or {}
-        journal = {
-            "schema": JOURNAL_SCHEMA, "handover_id": self.state.handover_id,
-            "host": self.kernel.hostname(), "kernel_from": staged.get("running") or running_abi(self.kernel),
-            "kernel_to": {k: staged.get(k) for k in ("kernel", "sha256", "target")},
-            "workloads": workloads, "snapshot": snap,
-            "stamps": {h["phase"]: h["t"] for h in self.state.history},
-        }
-        journal["stamps"]["kexec"] = time.time()
-        with self._holder() as h:
+        tail = {"handover_id": self.state.handover_id, "stamps": {"kexec": time.time()}}
+        c = holder_client(self.dir)
+        if c is None:
+            raise self._fail("kexec", "no holder is running: nothing is preserved")
+        with c:
             try:
-                sealed, _ = h.call("seal", journal=journal)
+                sealed, _ = c.call("seal", tail=tail)
             except HolderError as e:
                 raise self._fail("kexec", str(e)) from None
-        self.state.enter("kexec", journal_sha256=sealed["sha256"])
         t_exec = time.time()
-        journal["stamps"]["kexec_exec"] = t_exec
-        journal["agent_kexec_s"] = t_exec - t0
-        write_json(self._path(JOURNAL_FILE), journal)
+        tail["stamps"]["kexec_exec"] = t_exec
+        tail["agent_kexec_s"] = t_exec - t0
+        journal.write_tail(self.dir, tail)
+        self.state.enter("kexec")
         self._save()
         try:
             self.kernel.kexec_exec()
@@ -205,7 +212,7 @@ class Agent:
     def verify(self, *, agent_start: Optional[float] = None) -> dict:
         """Read the incoming state, retrieve and check every workload, FINISH, measure."""
         agent_start = agent_start or time.time()
-        disk = read_journal(self.dir)
+        disk = journal.read_disk(self.dir)
         incoming = read_incoming(self.kernel, (disk or {}).get("snapshot"))
         reply, lost_holder = None, None
         for attempt in range(2):
@@ -232,21 +239,21 @@ class Agent:
             for r in reply["results"]:
                 if r.get("error"):
                     r["error"] += f" (the first holder died mid-retrieval: {lost_holder})"
-        journal = reply["journal"]
-        if disk and disk.get("handover_id") == journal.get("handover_id"):
-            # the disk copy was written after the memfd was sealed: its stamps are later
-            journal = {**journal, "stamps": {**journal.get("stamps", {}),
-                                             **disk.get("stamps", {})},
-                       "agent_kexec_s": disk.get("agent_kexec_s")}
-        out = {"incoming": incoming, "journal": journal, "journal_error": reply.get("journal_error"),
+        jr = reply["journal"]
+        if disk and disk.get("handover_id") == jr.get("handover_id"):
+            # the disk tail was written after the memfd was sealed: its stamps are later
+            jr = journal.merge(jr, {"handover_id": disk["handover_id"],
+                                    "stamps": disk.get("stamps", {}),
+                                    "agent_kexec_s": disk.get("agent_kexec_s")})
+        out = {"incoming": incoming, "journal": jr, "journal_error": reply.get("journal_error"),
                "results": reply["results"], "agent_start": agent_start,
                "kernel_boot_time": self.kernel.boot_time(), "t_restored": reply["t_restored"],
                "release": self.kernel.release(), "running": running_abi(self.kernel)}
         write_json(self._path(VERIFY_FILE), out)
-        if self.state.handover_id != journal.get("handover_id"):
-            self.state = AgentState(handover_id=journal.get("handover_id", self.state.handover_id),
+        if self.state.handover_id != jr.get("handover_id"):
+            self.state = AgentState(handover_id=jr.get("handover_id", self.state.handover_id),
                                     history=[{"phase": p, "t": t} for p, t in
-                                             journal.get("stamps", {}).items()])
+                                             jr.get("stamps", {}).items()])
         self.state.enter("boot", t=out["kernel_boot_time"])
         from .report import build_report
         rep = build_report(out, self.state, self.kernel.hostname())
@@ -275,9 +282,3 @@ class Agent:
         with c:
             reply, _ = c.call("release", session=session, token=token)
         return reply
-
-
-def read_journal(state_dir: str) -> Optional[dict[str, Any]]:
-    """The disk copy of the journal, if any."""
-    j = read_json(os.path.join(state_dir, JOURNAL_FILE))
-    return j if isinstance(j, dict) and j.get("schema") == JOURNAL_SCHEMA else None

@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any, Optional
 
+from . import journal
+from .journal import parse_memfd as parse_journal
 from .kernel import Kernel, LiveUpdate, LiveUpdateError, Session, TWIN_ENV
 from .wire import WireError, connect_unix, recv_msg, send_msg
 from .workload import (AGENT_SESSION, JOURNAL_TOKEN, SpecError, fill_pattern, hash_fd,
@@ -50,6 +52,8 @@ class Holder:
         self.incoming: dict[str, Session] = {}       # retrieved from the previous kernel
         self.fds: dict[tuple[str, int], int] = {}
         self.records: dict[tuple[str, int], dict] = {}    # what was preserved, for the journal
+        self.journal_fd: Optional[int] = None              # prepared, not yet sealed
+        self.journal_count = 0
         self.running = True
 
     # --- requests --------------------------------------------------------------------
@@ -121,38 +125,56 @@ class Holder:
             raise
         return {"workload": rec}
 
+    def op_prepare(self, req: dict, fds: list[int]) -> dict:
+        """Write the journal body (with every workload record) into the agent's memfd and
+        to disk, ahead of the kexec window."""
+        body = dict(req["journal"], workloads=list(self.records.values()))
+        raw = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        if self.journal_fd is not None:
+            os.close(self.journal_fd)
+        self.journal_fd = make_memfd("kho-agent-journal", raw)
+        self.journal_count = len(self.records)
+        journal.write_body(self.state_dir, body)
+        return {"bytes": len(raw), "workloads": self.journal_count}
+
     def op_seal(self, req: dict, fds: list[int]) -> dict:
-        """Preserve the journal in the agent's own session (frozen from here on)."""
-        body = json.dumps(req["journal"], separators=(",", ":")).encode()
-        fd = make_memfd("kho-agent-journal", body)
+        """Append the tail (final stamps) and preserve the journal memfd: frozen from here."""
+        if self.journal_fd is None or self.journal_count != len(self.records):
+            raise HolderError("journal not prepared, or workloads changed since the "
+                              "snapshot: run snapshot again")
+        line = json.dumps(req["tail"], separators=(",", ":")).encode() + b"\n"
+        os.pwrite(self.journal_fd, line, os.fstat(self.journal_fd).st_size)
+        fd, self.journal_fd = self.journal_fd, None
         self._session(AGENT_SESSION).preserve_fd(fd, JOURNAL_TOKEN)
         self.fds[(AGENT_SESSION, JOURNAL_TOKEN)] = fd
-        return {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        return {"bytes": os.fstat(fd).st_size}
 
     def op_retrieve(self, req: dict, fds: list[int]) -> dict:
-        """After kexec: journal first, then every workload it lists; FINISH each session.
+        """After kexec: the journal first, then every workload it lists; FINISH each session.
 
         `journal` in the request (the disk copy) is used when the agent's own session
         cannot be retrieved. Per-workload failures are reported, not raised.
         """
-        journal: Optional[dict] = None
+        jr: Optional[dict] = None
         journal_error = None
         try:
             sess = self.lu.retrieve_session(AGENT_SESSION)
             self.incoming[AGENT_SESSION] = sess
             jfd = sess.retrieve_fd(JOURNAL_TOKEN)
-            with os.fdopen(jfd, "rb") as f:
-                journal = json.loads(f.read().decode())
+            try:   # the file position is preserved too: read from 0, whatever it is
+                jr = parse_journal(os.pread(jfd, os.fstat(jfd).st_size, 0))
+            finally:
+                os.close(jfd)
             sess.finish()
         except (LiveUpdateError, ValueError, OSError) as e:
             journal_error = f"journal memfd not retrieved: {e}"
-        if journal is None:
-            journal = req.get("journal")
-        if journal is None:
+        if jr is None:
+            jr = req.get("journal")
+        if jr is None:
             raise HolderError(journal_error or "no journal")
         results = []
         by_session: dict[str, list[dict]] = {}
-        for w in journal.get("workloads", []):
+        for w in jr.get("workloads", []):
             by_session.setdefault(w["session"], []).append(w)
         for name, ws in by_session.items():
             try:
@@ -186,7 +208,7 @@ class Holder:
             except LiveUpdateError as e:
                 for res, _, _ in got:
                     res.setdefault("error", f"FINISH: {e}")
-        return {"journal": journal, "journal_error": journal_error, "results": results,
+        return {"journal": jr, "journal_error": journal_error, "results": results,
                 "t_restored": time.time()}
 
     def op_claim(self, req: dict, fds: list[int]) -> tuple[dict, list[int]]:
