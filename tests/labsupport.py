@@ -125,3 +125,65 @@ def root_u64_props(fdt: bytes) -> List[Tuple[int, int]]:
         else:  # END or garbage
             break
     return out
+
+
+# --- lab guests with a Debian rootfs (tests/test_lab_guest.py, tests/test_lab_agent.py) ---------
+
+def lab_guest_skip_reason(kernels: Sequence[Path]) -> str:
+    """Why a lab guest cannot run here ("" if it can)."""
+    import shutil
+
+    from kho_fleet.lab.qemu import find_qemu
+    for k in kernels:
+        if not Path(k).is_file():
+            return f"lab kernel not found: {k}"
+    if find_qemu() is None:
+        return "qemu-system-x86_64 not found on PATH"
+    if shutil.which("qemu-img") is None:
+        return "qemu-img not found (Debian package qemu-utils)"
+    return ""
+
+
+def boot_lab_guest(work: Path, cache: Path, kernel: Path, extra_kernels: Sequence[Path],
+                   repo: Path, agent_pyz: str):  # -> (LabGuest, note) or raises pytest outcomes
+    """Build (or reuse) the cached rootfs, boot a guest on `kernel`, copy the agent zipapp.
+
+    Skips (with the reason printed) when qemu, a kernel or debootstrap is missing."""
+    import os
+    import shutil
+    import time
+
+    import pytest
+
+    from kho_fleet.lab.guest import GuestError, LabGuest, lab_key
+    from kho_fleet.lab.rootfs import RootfsError, build_rootfs, cached_rootfs
+
+    why = lab_guest_skip_reason([kernel, *extra_kernels])
+    if why:
+        print(f"\nlab guest skipped: {why}")
+        pytest.skip(why)
+    key = lab_key(cache)
+    if cached_rootfs(cache, kernel, key.public, extra_kernels=list(extra_kernels)) is None:
+        have_tool = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin")
+        if os.geteuid() != 0 or not (have_tool or shutil.which("apt-get")):
+            why = "no cached lab rootfs, and debootstrap is unavailable (needs root + debootstrap)"
+            print(f"\nlab guest skipped: {why}")
+            pytest.skip(why)
+    t0 = time.monotonic()
+    try:
+        image = build_rootfs(cache, kernel, key.public, extra_kernels=list(extra_kernels))
+    except RootfsError as e:
+        pytest.fail(f"lab rootfs: {e}")
+    rootfs_s = time.monotonic() - t0
+    from kho_fleet.agentbuild import build_agent
+    pyz, _ = build_agent(str(work / "kho-agent.pyz"))     # the product's zipapp (exit codes!)
+    g = LabGuest(work, kernel, image, key)
+    try:
+        boot_s = g.start()
+    except GuestError as e:
+        g.stop()
+        pytest.fail(f"lab guest did not boot: {e}")
+    print(f"\nlab guest: rootfs {rootfs_s:.1f}s, boot to SSH {boot_s:.1f}s (port {g.port}, "
+          f"serial {g.serial_path})")
+    g.put(pyz, agent_pyz)
+    return g

@@ -16,17 +16,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import time
-import zipapp
 from pathlib import Path
 from typing import Any, Dict, Iterator
 
 import pytest
 
-from kho_fleet.lab.guest import GuestError, LabGuest, lab_key
-from kho_fleet.lab.qemu import find_qemu
-from kho_fleet.lab.rootfs import RootfsError, build_rootfs, cached_rootfs
+from kho_fleet.lab.guest import GuestError, LabGuest
+from labsupport import boot_lab_guest
 
 pytestmark = pytest.mark.lab
 
@@ -90,7 +87,7 @@ def py(guest: LabGuest, body: str, timeout: float = 120.0) -> Dict[str, Any]:
 
 def start_holder(guest: LabGuest, name: str, token: int, state: str) -> Dict[str, Any]:
     script = f"NAME, TOKEN, SIZE, STATE = {name!r}, {token}, {SIZE}, {state!r}\n" + HOLDER
-    guest.run(["sh", "-c", f"cat > /root/holder.py"], stdin=(PRELUDE + script).encode(),
+    guest.run(["sh", "-c", "cat > /root/holder.py"], stdin=(PRELUDE + script).encode(),
               check=True)
     guest.run(f"rm -f {state}; setsid -f python3 /root/holder.py >/root/holder.log 2>&1 "
               "</dev/null", check=True)
@@ -106,55 +103,11 @@ def start_holder(guest: LabGuest, name: str, token: int, state: str) -> Dict[str
     pytest.fail("holder did not report within 90 s")
 
 
-def _skip_reason() -> str:
-    for k in (KERNEL_A, KERNEL_B):
-        if not k.is_file():
-            return f"lab kernel not found: {k}"
-    if find_qemu() is None:
-        return "qemu-system-x86_64 not found on PATH"
-    if shutil.which("qemu-img") is None:
-        return "qemu-img not found (Debian package qemu-utils)"
-    try:
-        import cryptography  # noqa: F401
-        import paramiko  # noqa: F401
-    except ImportError as e:
-        return f"controller venv lacks {e.name}"
-    return ""
-
-
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabGuest]:
-    why = _skip_reason()
-    if why:
-        print(f"\nlab guest skipped: {why}")
-        pytest.skip(why)
-    key = lab_key(CACHE)
-    if cached_rootfs(CACHE, KERNEL_A, key.public, extra_kernels=[KERNEL_B]) is None:
-        have_tool = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin")
-        if os.geteuid() != 0 or not (have_tool or shutil.which("apt-get")):
-            why = "no cached lab rootfs, and debootstrap is unavailable (needs root + debootstrap)"
-            print(f"\nlab guest skipped: {why}")
-            pytest.skip(why)
-    t0 = time.monotonic()
+    g = boot_lab_guest(tmp_path_factory.mktemp("lab-guest"), CACHE, KERNEL_A, [KERNEL_B],
+                       REPO, AGENT_PYZ)
     try:
-        image = build_rootfs(CACHE, KERNEL_A, key.public, extra_kernels=[KERNEL_B])
-    except RootfsError as e:
-        pytest.fail(f"lab rootfs: {e}")
-    rootfs_s = time.monotonic() - t0
-    work = tmp_path_factory.mktemp("lab-guest")
-    pyz = work / "kho-agent.pyz"
-    zipapp.create_archive(REPO / "agent", pyz, interpreter="/usr/bin/env python3",
-                          main="kho_agent.cli:main",
-                          filter=lambda p: "__pycache__" not in p.parts and p.suffix != ".pyc")
-    g = LabGuest(work, KERNEL_A, image, key)
-    try:
-        try:
-            boot_s = g.start()
-        except GuestError as e:
-            pytest.fail(f"lab guest did not boot: {e}")
-        print(f"\nlab guest: rootfs {rootfs_s:.1f}s, boot to SSH {boot_s:.1f}s (port {g.port}, "
-              f"serial {g.serial_path})")
-        g.put(pyz, AGENT_PYZ)
         yield g
     finally:
         g.stop()

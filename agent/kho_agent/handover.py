@@ -66,7 +66,8 @@ class Agent:
                   spec: Optional[WorkloadSpec] = None, page_size: Optional[int] = None,
                   allow_unknown_abi: bool = False) -> dict:
         """Run the preflight checks; a blocking failure aborts the handover."""
-        if self.state.phase in ("report", "verify") or self.state.failure:
+        if (self.state.phase in ("new", "preflight", "report", "verify")
+                or self.state.failure or self.state.aborted):
             self.state = AgentState()          # a new handover on this host
         res = preflight(self.kernel, kernel_image=kernel_image, initrd=initrd,
                         workload_bytes=spec.total_bytes if spec else 0, page_size=page_size,
@@ -84,6 +85,8 @@ class Agent:
               cmdline: str = "reuse", sha256: Optional[str] = None,
               allow_unknown_abi: bool = False) -> dict:
         """Verify and load the target kernel with kexec_file_load (refusing an ABI change)."""
+        if self.state.failure or self.state.aborted:
+            self.state = AgentState()          # a refused or failed attempt does not carry over
         for path, want in ((kernel_image, sha256), (initrd, None)):
             if path is None:
                 continue
