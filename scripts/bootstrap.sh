@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 # gcc's static libc (the lab test's init), openssh-server (SSH integration tests),
 # debootstrap + e2fsprogs + qemu-utils (the lab guests' root filesystem and overlays).
 debs=(swig python3-dev qemu-system-x86 qemu-utils libc6-dev gcc openssh-server openssh-client
-      debootstrap e2fsprogs)
+      debootstrap e2fsprogs prometheus-pushgateway)
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${debs[@]}"; do

@@ -109,6 +109,188 @@ def cmd_sim_handover(args: argparse.Namespace) -> int:
     return 0 if rep.get("result") == "success" else 1
 
 
+def _rollout_opts(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .rollout import RolloutOptions
+    return RolloutOptions(rollouts_dir=args.rollouts_dir, reports_dir=args.reports_dir,
+                          sim_dir=args.sim_dir, dry_run=getattr(args, "dry_run", False))
+
+
+def _input_errors():  # type: ignore[no-untyped-def]
+    from .inventory import InventoryError
+    from .playbook import PlaybookError
+    from .rollout import RolloutError
+    from .statedb import StateError
+    return (InventoryError, PlaybookError, RolloutError, StateError)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """Roll the playbook's kernel across the inventory (or --resume ID)."""
+    from .rollout import Rollout
+    opts = _rollout_opts(args)
+    try:
+        if args.resume:
+            ro = Rollout.resume(args.resume, opts)
+        else:
+            if not args.playbook or not args.inventory:
+                raise CliError("rollout needs --playbook and --inventory (or --resume ID)")
+            ro = Rollout.start(args.playbook, args.inventory, opts)
+    except _input_errors() as e:
+        raise CliError(str(e)) from None
+    return _drive(ro, args)
+
+
+def _drive(ro, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from .metrics import MetricsError, RolloutMetrics
+    target = ro.pb.target.twin_release or os.path.basename(ro.pb.target.kernel)
+    ro.metrics = RolloutMetrics(ro.id, ro.pb.name, target)
+    server = None
+    if args.metrics_port is not None:
+        try:
+            server = ro.metrics.serve(args.metrics_port, args.metrics_addr)
+        except (MetricsError, OSError) as e:
+            raise CliError(f"--metrics-port {args.metrics_port}: {e}") from None
+    if not args.json:
+        print(f"rollout {ro.id}: {ro.pb.name} ({len(ro.db.hosts())} hosts, "
+              f"state {ro.db.path})", file=sys.stderr)
+    try:
+        if args.json or not sys.stderr.isatty():
+            fleet = ro.run()
+        else:
+            from .progress import RolloutProgress
+            stages = [(s.name, [h.name for h in ro.db.hosts(stage=i)])
+                      for i, s in enumerate(ro.pb.stages)]
+            with RolloutProgress(stages) as ui:
+                ro.opts.progress = ui
+                fleet = ro.run()
+        if args.pushgateway:
+            try:
+                ro.metrics.push(args.pushgateway)
+            except MetricsError as e:
+                print(f"kho-fleet: warning: {e}", file=sys.stderr)
+    finally:
+        if server is not None:
+            server.shutdown()
+    row = ro.db.rollout()
+    if args.json:
+        json.dump(fleet, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        _summary(fleet, ro.reports)
+    return 0 if row.status == "completed" and not fleet.get("failures") else 1
+
+
+def _summary(fleet: dict, reports: str) -> None:
+    r = fleet["rollout"]
+    print(f"rollout {r['id']}: {r['status']}" + (f" ({r['reason']})" if r.get("reason") else ""))
+    for st in fleet["stages"]:
+        print(f"  stage {st['name']}: {st['status']}, {st['succeeded']}/{st['hosts']} hosts ok")
+    for f in fleet.get("failures", []):
+        print(f"  FAILED {f['host']} ({f['stage']}) in {f['phase']}: {f['reason']}")
+    print(f"reports: {os.path.join(reports, 'fleet.html')} (also fleet.md, fleet.json, hosts/)")
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """Preflight every host of the playbook (a dry run: nothing is staged or kexec'd)."""
+    args.dry_run = True
+    args.resume = None
+    return cmd_rollout(args)
+
+
+def _open_db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .statedb import StateDB, list_rollouts
+    rid = args.id
+    if rid is None:
+        rows = list_rollouts(args.rollouts_dir)
+        if not rows:
+            raise CliError(f"no rollouts in {args.rollouts_dir}")
+        rid = max(rows, key=lambda r: r.created).id
+    path = os.path.join(args.rollouts_dir, rid)
+    if not os.path.exists(os.path.join(path, "state.db")):
+        raise CliError(f"no rollout {rid!r} in {args.rollouts_dir}")
+    try:
+        return StateDB.open(path)
+    except _input_errors() as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """A rollout's status, stages and hosts (default: the newest rollout)."""
+    db = _open_db(args)
+    r = db.rollout()
+    data = {"rollout": {"id": r.id, "status": r.status, "reason": r.reason,
+                        "playbook": r.playbook_path, "inventory": r.inventory_path},
+            "stages": [{"name": s.name, "status": s.status, "gate": s.gate} for s in db.stages()],
+            "hosts": [{"name": h.name, "stage": h.stage_idx, "state": h.state, "error": h.error,
+                       "downtime_s": h.downtime_s} for h in db.hosts()],
+            "counts": db.counts()}
+    if args.json:
+        json.dump(data, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(f"rollout {r.id}: {r.status}" + (f" ({r.reason})" if r.reason else ""))
+        for s in data["stages"]:
+            print(f"  stage {s['name']}: {s['status']}")
+        for h in data["hosts"]:
+            print(f"    {h['name']:<16} {h['state']:<16} {h['error'] or ''}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """(Re)write a rollout's fleet report (JSON, Markdown, HTML) and print where."""
+    from .fleetreport import build_fleet_report, write_fleet_report
+    db = _open_db(args)
+    fleet = build_fleet_report(db)
+    out = os.path.join(args.reports_dir, db.rollout().id)
+    write_fleet_report(out, fleet)
+    if args.json:
+        json.dump(fleet, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        _summary(fleet, out)
+    return 0
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    """Abort a rollout: no host is kexec'd after this; hosts already past kexec finish."""
+    db = _open_db(args)
+    if db.rollout().status in ("completed", "aborted", "rolled_back"):
+        raise CliError(f"rollout {db.rollout().id} is already {db.rollout().status}")
+    db.set_status("aborted", args.reason or "aborted by operator")
+    db.log("aborted", args.reason or "by operator")
+    print(json.dumps({"id": db.rollout().id, "status": "aborted"}) if args.json
+          else f"rollout {db.rollout().id}: aborted")
+    return 0
+
+
+def cmd_sim_fleet(args: argparse.Namespace) -> int:
+    """Power the inventory's digital-twin hosts on (up), off (down), or show them (status)."""
+    from dataclasses import asdict
+
+    from .inventory import InventoryError, load_inventory
+    from .sim.fleet import fleet_down, fleet_up, twin_status
+    from .sim.twinkernel import TwinError
+    try:
+        inv = load_inventory(args.inventory)
+    except InventoryError as e:
+        raise CliError(str(e)) from None
+    try:
+        if args.sim_command == "up":
+            out = fleet_up(inv, args.sim_dir)
+        elif args.sim_command == "down":
+            out = fleet_down(inv, args.sim_dir)
+        else:
+            out = [twin_status(h, args.sim_dir) for h in inv.hosts.values() if h.transport == "sim"]
+    except TwinError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        json.dump([asdict(s) for s in out], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for s in out:
+            print(f"{s.host:<16} {s.state:<8} {s.release or '-':<16} boots {s.boot_count or 0}  {s.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kho-fleet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,8 +314,40 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--json", action="store_true")
     ba.set_defaults(func=cmd_build_agent)
 
+    dirs = argparse.ArgumentParser(add_help=False)
+    dirs.add_argument("--rollouts-dir", default="rollouts", metavar="DIR",
+                      help="rollout state (one SQLite file per rollout)")
+    dirs.add_argument("--reports-dir", default="reports", metavar="DIR")
+    dirs.add_argument("--sim-dir", default=".sim", metavar="DIR", help="twin hosts' state")
+    dirs.add_argument("--json", action="store_true")
+
+    for name, func in (("rollout", cmd_rollout), ("preflight", cmd_preflight)):
+        ro = sub.add_parser(name, parents=[dirs], help=func.__doc__.splitlines()[0],
+                            description=func.__doc__)
+        ro.add_argument("--playbook", metavar="FILE")
+        ro.add_argument("--inventory", metavar="FILE")
+        if name == "rollout":
+            ro.add_argument("--resume", metavar="ID", help="resume a halted or crashed rollout")
+            ro.add_argument("--dry-run", action="store_true", help="preflight only")
+        ro.add_argument("--metrics-port", type=_int, metavar="PORT",
+                        help="serve Prometheus metrics while running")
+        ro.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR")
+        ro.add_argument("--pushgateway", metavar="URL", help="push the metrics here at the end")
+        ro.set_defaults(func=func)
+    for name, func in (("status", cmd_status), ("report", cmd_report), ("abort", cmd_abort)):
+        sp = sub.add_parser(name, parents=[dirs], help=func.__doc__.splitlines()[0],
+                            description=func.__doc__)
+        sp.add_argument("id", nargs="?", metavar="ID", help="rollout id (default: the newest)")
+        if name == "abort":
+            sp.add_argument("--reason", metavar="TEXT")
+        sp.set_defaults(func=func)
+
     sim = sub.add_parser("sim", help="the digital-twin fleet").add_subparsers(
         dest="sim_command", required=True, metavar="COMMAND")
+    for name in ("up", "down", "status"):
+        sf = sim.add_parser(name, parents=[dirs], help=cmd_sim_fleet.__doc__)
+        sf.add_argument("--inventory", default="inventory/sim.yaml", metavar="FILE")
+        sf.set_defaults(func=cmd_sim_fleet)
     sh = sim.add_parser("handover", help=cmd_sim_handover.__doc__.splitlines()[0],
                         description=cmd_sim_handover.__doc__)
     sh.add_argument("--fault", metavar="NAME", help="inject a fault (kexec-load-fails, "

@@ -1,34 +1,38 @@
-"""`make demo`: build an example handover memory image and inspect it like a real dump.
+"""`make demo`: a rollout of playbooks/demo.yaml across the simulated fleet (inventory/sim.yaml).
 
-Until the simulated fleet lands, the demo is the foundation end to end: the outgoing
-kernel's KHO/LUO state written byte-exact into an ELF core, then `kho-fleet inspect`.
+Eight digital-twin hosts run the real agent against a simulated KHO/LUO kernel: a canary,
+a batch of three, then the rest four at a time -- and one host (twin-b2) whose preserved
+page is corrupted during the kexec, which the agent catches and the reports show.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-
-from kho_agent.physmem import write_elf_core
+import time
 
 from .cli import main as cli_main
-from .sim.memimage import MemfdSpec, build_handover_image
+from .inventory import load_inventory
+from .sim.fleet import fleet_down
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> int:
-    out = os.environ.get("KHO_DEMO_DIR", "demo-out")
-    os.makedirs(out, exist_ok=True)
-    mem, facts = build_handover_image(
-        sessions=[("vm-ram", [MemfdSpec(0x1001, 8 << 20, seed=1),
-                              MemfdSpec(0x1002, 3 << 20, seed=2)]),
-                  ("cache", [MemfdSpec(0x2001, 1 << 20, seed=3)])])
-    core = os.path.join(out, "outgoing-kernel.core")
-    write_elf_core(core, mem.iter_pages())
-    print(f"demo: wrote {core}: the outgoing kernel's RAM with KHO {facts.compatible}, "
-          f"{len(facts.memfd_pfns)} preserved memfds, root FDT at 0x{facts.fdt_phys:x}\n")
-    rc = cli_main(["inspect", "--memory", core])
-    print(f"\ndemo: JSON form: kho-fleet inspect --memory {core} --json")
-    return rc
+    inventory = os.path.join(REPO, "inventory", "sim.yaml")
+    playbook = os.path.join(REPO, "playbooks", "demo.yaml")
+    sim_dir = os.path.join(REPO, ".sim")
+    t0 = time.monotonic()
+    try:
+        rc = cli_main(["rollout", "--playbook", playbook, "--inventory", inventory,
+                       "--sim-dir", sim_dir,
+                       "--rollouts-dir", os.path.join(REPO, "rollouts"),
+                       "--reports-dir", os.path.join(REPO, "reports")])
+    finally:
+        fleet_down(load_inventory(inventory), sim_dir)      # leave no twin running
+    print(f"demo: done in {time.monotonic() - t0:.0f}s; twin-b2's corrupted page was expected "
+          "(the demo injects it). Try: kho-fleet status, kho-fleet sim handover --fault lost-page")
+    return 0 if rc in (0, 1) else rc
 
 
 if __name__ == "__main__":

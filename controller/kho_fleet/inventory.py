@@ -208,7 +208,7 @@ class HostVar:
     """One host var kho-fleet understands: its type, default and meaning."""
 
     name: str
-    type: str                      # str | port | bool | path | abspath | seconds | choice
+    type: str                      # str | port | bool | path | abspath | seconds | int | strlist | choice
     default: Any
     description: str
     choices: tuple = ()
@@ -240,6 +240,13 @@ HOST_VARS: tuple[HostVar, ...] = (
     HostVar("kho_ssh_trust", "choice", "known_hosts",
             "host key policy: known_hosts (must be known) or tofu (trust and record on first use)",
             ("known_hosts", "tofu")),
+    HostVar("kho_ssh_known_hosts", "path", None,
+            "an extra known_hosts file (e.g. the one `kho-fleet lab up` writes)"),
+    HostVar("kho_sim_faults", "strlist", (),
+            "sim hosts: faults the twin injects (bitflip, lost-page, never-returns, ...)"),
+    HostVar("kho_sim_ram_mib", "int", 256, "sim hosts: RAM of the twin in MiB (>= 64)"),
+    HostVar("kho_sim_boot_delay", "seconds", 0.5, "sim hosts: seconds a twin takes to boot"),
+    HostVar("kho_sim_release", "str", "7.2.13-twin", "sim hosts: the twin's running release"),
 )
 _VARS = {v.name: v for v in HOST_VARS}
 
@@ -287,6 +294,16 @@ def _check_var(var: HostVar, v: Any, base: str) -> Any:
                 raise ValueError(f"must be an absolute path on the host, got {v!r}")
             return os.path.normpath(v)
         return os.path.normpath(os.path.join(base, os.path.expanduser(v)))
+    if t == "int":
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"must be a positive integer, got {v!r}")
+        return v
+    if t == "strlist":
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
+            raise ValueError(f"must be a list of names, got {v!r}")
+        return tuple(v)
     if t == "seconds":
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"must be a positive number of seconds, got {v!r}")
@@ -331,6 +348,11 @@ class Host:
     python = _accessor("kho_python")
     boot_timeout = _accessor("kho_boot_timeout")
     ssh_trust = _accessor("kho_ssh_trust")
+    ssh_known_hosts = _accessor("kho_ssh_known_hosts")
+    sim_faults = _accessor("kho_sim_faults")
+    sim_ram_mib = _accessor("kho_sim_ram_mib")
+    sim_boot_delay = _accessor("kho_sim_boot_delay")
+    sim_release = _accessor("kho_sim_release")
 
     @property
     def address(self) -> str:

@@ -1,0 +1,411 @@
+"""The fleet report (schema kho-fleet/fleet-report/v1) of one rollout, built from its StateDB.
+
+Host rows carry the agents' handover reports (kho-fleet/handover-report/v1) in `report`.
+Written as fleet.json, fleet.md and one self-contained fleet.html (inline CSS and SVG, no
+script, nothing fetched), beside hosts/<host>.json ({"agent": ..., "controller": ...}).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import time
+from collections import Counter
+from typing import Any, Iterable, Optional, Sequence
+
+from .metrics import DOWNTIME_BUCKETS, handover_downtime
+from .statedb import HostRow, StateDB
+
+__all__ = ["SCHEMA", "percentile", "downtime_summary", "host_report_path", "controller_timings",
+           "write_host_report", "build_fleet_report", "render_markdown", "render_html",
+           "write_fleet_report"]
+
+SCHEMA = "kho-fleet/fleet-report/v1"
+_FINAL = ("completed", "aborted", "rolled_back")
+HOSTS_DIR = "hosts"
+
+
+# -- numbers ---------------------------------------------------------------------------------
+
+def percentile(values: Iterable[float], q: float) -> Optional[float]:
+    """The q-th percentile (0..100), linear between closest ranks (numpy's default); None if empty.
+
+    Example: percentile([1, 2, 3, 4, 5], 95) == 4.8.
+    """
+    xs = sorted(values)
+    if not xs:
+        return None
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return round(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo), 6)
+
+
+def downtime_summary(values: Sequence[float], buckets: Sequence[float] = DOWNTIME_BUCKETS) -> dict:
+    """count, p50, p95, max and per-bucket counts: {lo, hi, count} with lo < v <= hi
+    (hi None: above the last bucket)."""
+    edges = [0.0, *buckets]
+    hist = [{"lo": edges[i], "hi": b, "count": 0} for i, b in enumerate(buckets)]
+    hist.append({"lo": edges[-1], "hi": None, "count": 0})
+    for v in values:
+        i = next((i for i, b in enumerate(buckets) if v <= b), len(buckets))
+        hist[i]["count"] += 1
+    return {"count": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
+            "max": round(max(values), 6) if values else None, "buckets": hist}
+
+
+# -- host reports ----------------------------------------------------------------------------
+
+def host_report_path(host: str) -> str:
+    """hosts/<host>.json, relative to the report directory (unsafe characters become _)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", host).lstrip(".") or "_"
+    return f"{HOSTS_DIR}/{safe}.json"
+
+
+def controller_timings(row: HostRow) -> dict:
+    """What the controller saw of a host: state, attempts, timestamps, downtime_s, error."""
+    return {"state": row.state, "attempts": row.attempts, "last_contact": row.last_contact,
+            "kexec_requested_at": row.kexec_requested_at,
+            "kexec_started_at": row.kexec_started_at, "back_at": row.back_at,
+            "downtime_s": None if row.downtime_s is None else round(row.downtime_s, 6),
+            "error": row.error}
+
+
+def _write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_host_report(out_dir: str, host: str, agent_report: Optional[dict],
+                      controller: dict) -> str:
+    """Write hosts/<host>.json = {"host", "agent", "controller"}; returns its relative path."""
+    rel = host_report_path(host)
+    _write_text(os.path.join(out_dir, rel),
+                json.dumps({"host": host, "agent": agent_report, "controller": controller},
+                           indent=2, sort_keys=True) + "\n")
+    return rel
+
+
+# -- building --------------------------------------------------------------------------------
+
+def _result(row: HostRow) -> Optional[str]:
+    rep = row.report or {}
+    if row.state == "skipped":
+        return "skipped"
+    if row.state == "failed":
+        return rep.get("result") if rep.get("result") in ("failed", "aborted") else "failed"
+    return rep.get("result")
+
+
+def _failure(db: StateDB, row: HostRow) -> Optional[dict]:
+    agent = (row.report or {}).get("failure")
+    if agent:
+        return {"phase": agent.get("phase") or "agent", "reason": agent.get("reason") or ""}
+    if row.state != "failed":
+        return None
+    phase = "controller"
+    for ev in reversed(db.events(row.name)):
+        if ev.event == "state" and ev.detail and " -> failed" in ev.detail:
+            phase = ev.detail.split(" -> ", 1)[0]
+            break
+    return {"phase": phase, "reason": row.error or "unknown"}
+
+
+def _host(db: StateDB, row: HostRow, stage: str) -> dict:
+    rep = row.report
+    kernel = (rep or {}).get("kernel") or {}
+    ws = (rep or {}).get("workloads") or []
+    return {
+        "name": row.name, "stage": stage, "state": row.state, "result": _result(row),
+        "failure": _failure(db, row),
+        "downtime_s": None if row.downtime_s is None else round(row.downtime_s, 6),
+        "blackout_s": ((rep or {}).get("downtime") or {}).get("blackout_s"),
+        "kernel": {"from": (kernel.get("from") or {}).get("release"),
+                   "to": (kernel.get("to") or {}).get("release")},
+        "workloads": ({"verified": sum(1 for w in ws if w.get("verified")), "total": len(ws)}
+                      if rep is not None else None),
+        "report": host_report_path(row.name) if rep is not None else None,
+    }
+
+
+def _downtimes(hosts: list[dict]) -> list[float]:
+    out = []
+    for h in hosts:
+        d = handover_downtime({"downtime": {"blackout_s": h["blackout_s"]}}, h["downtime_s"])
+        if d is not None:
+            out.append(d)
+    return out
+
+
+def build_fleet_report(db: StateDB, target: Optional[str] = None) -> dict:
+    """The fleet report of `db`'s rollout; `target` defaults to the reports' kernel.to release."""
+    ro = db.rollout()
+    stages = db.stages()
+    names = {s.idx: s.name for s in stages}
+    rows = db.hosts()
+    hosts = [_host(db, r, names[r.stage_idx]) for r in rows]
+    if target is None:
+        releases = Counter(h["kernel"]["to"] for h in hosts if h["kernel"]["to"])
+        target = releases.most_common(1)[0][0] if releases else None
+    finished = None
+    if ro.status in _FINAL:
+        ev = [e for e in db.events() if e.host is None and e.event == "rollout"]
+        finished = ev[-1].ts if ev else None
+    stage_out = []
+    for s in stages:
+        hs = [h for h, r in zip(hosts, rows) if r.stage_idx == s.idx]
+        dt = downtime_summary(_downtimes(hs))
+        stage_out.append({
+            "index": s.idx, "name": s.name, "status": s.status, "hosts": len(hs),
+            "succeeded": sum(1 for h in hs
+                             if h["result"] == "success" and h["state"] == "reported"),
+            "failed": sum(1 for h in hs if h["result"] in ("failed", "aborted")),
+            "skipped": sum(1 for h in hs if h["state"] == "skipped"),
+            "gate": s.gate, "started": s.started_at, "finished": s.finished_at,
+            "downtime": {k: dt[k] for k in ("count", "p50", "p95", "max")},
+        })
+    return {
+        "schema": SCHEMA,
+        "generated": time.time(),
+        "rollout": {"id": ro.id, "status": ro.status, "reason": ro.reason,
+                    "playbook": ro.playbook_path, "inventory": ro.inventory_path,
+                    "created": ro.created, "finished": finished, "target": target,
+                    "hosts_by_state": db.counts()},
+        "stages": stage_out,
+        "hosts": hosts,
+        "failures": [{"host": h["name"], "stage": h["stage"], **h["failure"]}
+                     for h in hosts if h["failure"]],
+        "downtime": downtime_summary(_downtimes(hosts)),
+    }
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+def _ts(t: Optional[float]) -> str:
+    return "—" if t is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
+
+
+def _s(v: Optional[float]) -> str:
+    return "—" if v is None else f"{v:.3f} s"
+
+
+def _bound(b: Optional[float]) -> str:
+    return "+Inf" if b is None else f"{b:g}"
+
+
+def _gate(g: Optional[dict]) -> str:
+    """"passed" / "FAILED", then each criterion as name: got (want), x marking misses."""
+    if not g:
+        return "—"
+    if "criteria" not in g:                       # e.g. {"dry_run": true}
+        return "; ".join(f"{k}={v}" for k, v in g.items())
+    parts = ["passed" if g.get("ok") else "FAILED"]
+    for name, c in g["criteria"].items():
+        got = f"{c['got']:.4g}" if isinstance(c["got"], float) else c["got"]
+        parts.append(f"{name} {got} (want {c['want']}){'' if c['ok'] else ' ✗'}")
+    return "; ".join(parts)
+
+
+def _workloads(w: Optional[dict]) -> str:
+    return "—" if w is None else f"{w['verified']}/{w['total']}"
+
+
+def _kernel(k: dict) -> str:
+    if not k["from"] and not k["to"]:
+        return "—"
+    return f"{k['from'] or '?'} → {k['to'] or '?'}"
+
+
+def _summary(ro: dict) -> list[tuple[str, str]]:
+    return [("status", ro["status"] + (f" ({ro['reason']})" if ro["reason"] else "")),
+            ("target", ro["target"] or "—"), ("playbook", ro["playbook"]),
+            ("inventory", ro["inventory"]), ("created", _ts(ro["created"])),
+            ("finished", _ts(ro["finished"]))]
+
+
+def _dt_line(dt: dict) -> str:
+    return (f"{dt['count']} handovers: p50 {_s(dt['p50'])}, p95 {_s(dt['p95'])}, "
+            f"max {_s(dt['max'])}.")
+
+
+def _stage_cells(s: dict) -> list[str]:
+    d = s["downtime"]
+    return [s["name"], s["status"], str(s["hosts"]), str(s["succeeded"]), str(s["failed"]),
+            str(s["skipped"]), _gate(s["gate"]), _s(d["p50"]), _s(d["p95"]), _s(d["max"])]
+
+
+_STAGE_COLS = ["stage", "status", "hosts", "succeeded", "failed", "skipped", "gate",
+               "downtime p50", "p95", "max"]
+_HOST_COLS = ["host", "stage", "state", "result", "downtime", "agent blackout", "kernel",
+              "workloads", "report"]
+
+
+def _host_cells(h: dict) -> list[str]:
+    return [h["name"], h["stage"], h["state"], h["result"] or "—", _s(h["downtime_s"]),
+            _s(h["blackout_s"]), _kernel(h["kernel"]), _workloads(h["workloads"])]
+
+
+def _md_table(cols: list[str], rows: list[list[str]],
+              links: Optional[dict[int, str]] = None) -> list[str]:
+    """A Markdown table; `links` {row: relative path} makes that row's last cell a link."""
+    def cell(v: str) -> str:
+        return html.escape(" ".join(str(v).split()), quote=False).replace("|", "\\|")
+    out = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for i, r in enumerate(rows):
+        cells = [cell(c) for c in r]
+        if links and i in links:
+            cells[-1] = f"[{cells[-1]}]({links[i]})"      # host_report_path: URL-safe
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _linked(rel: Optional[str], out_dir: Optional[str]) -> bool:
+    return bool(rel) and (out_dir is None or os.path.isfile(os.path.join(out_dir, rel)))
+
+
+def render_markdown(fleet: dict, out_dir: Optional[str] = None) -> str:
+    """fleet.md: the rollout, stages, downtime, hosts and failures as Markdown tables.
+
+    Host reports are linked when they exist under `out_dir` (always, when out_dir is None).
+    """
+    ro, dt = fleet["rollout"], fleet["downtime"]
+    out = [f"# Rollout {ro['id']}: {ro['status']}", ""]
+    out += _md_table(["field", "value"], [list(kv) for kv in _summary(ro)])
+    out += ["", "## Stages", ""]
+    out += _md_table(_STAGE_COLS, [_stage_cells(s) for s in fleet["stages"]])
+    out += ["", "## Downtime", "",
+            _dt_line(dt), ""]
+    out += _md_table(["bucket (s)", "hosts"],
+                     [[f"{_bound(b['lo'])} – {_bound(b['hi'])}", str(b["count"])]
+                      for b in dt["buckets"] if b["count"]])
+    out += ["", "## Hosts", ""] + _md_table(
+        _HOST_COLS, [_host_cells(h) + [h["report"] or "—"] for h in fleet["hosts"]],
+        links={i: h["report"] for i, h in enumerate(fleet["hosts"])
+               if _linked(h["report"], out_dir)})
+    out += ["", "## Failures", ""]
+    if fleet["failures"]:
+        out += _md_table(["host", "stage", "phase", "reason"],
+                         [[f["host"], f["stage"], f["phase"], f["reason"]]
+                          for f in fleet["failures"]])
+    else:
+        out.append("None.")
+    return "\n".join(out) + "\n"
+
+
+def _svg(dt: dict, width: int = 640, height: int = 260) -> str:
+    """Inline SVG histogram of the downtime buckets: one <rect> per non-empty bucket."""
+    left, right, top, bottom = 48, 12, 16, 56
+    bs = dt["buckets"]
+    pw, ph = width - left - right, height - top - bottom
+    slot = pw / len(bs)
+    ymax = max([b["count"] for b in bs] + [1])
+    step = max(1, math.ceil(ymax / 4))
+    ytop = step * math.ceil(ymax / step)
+    e = html.escape
+    y0 = top + ph
+    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+           f'aria-label="downtime distribution" font-family="sans-serif" font-size="11">',
+           f'<line x1="{left}" y1="{y0}" x2="{left + pw}" y2="{y0}" stroke="#333"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{y0}" stroke="#333"/>']
+    for t in range(0, ytop + 1, step):
+        y = y0 - ph * t / ytop
+        out.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#333"/>'
+                   f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{t}</text>')
+    for i, b in enumerate(bs):
+        x = left + i * slot
+        label = f"≤{_bound(b['hi'])}" if b["hi"] is not None else f">{_bound(b['lo'])}"
+        out.append(f'<text x="{x + slot / 2:.1f}" y="{y0 + 14}" text-anchor="middle">'
+                   f'{e(label)}</text>')
+        if b["count"]:
+            h = ph * b["count"] / ytop
+            out.append(f'<rect x="{x + 3:.1f}" y="{y0 - h:.1f}" width="{slot - 6:.1f}" '
+                       f'height="{h:.1f}" fill="#4a7fb5"><title>{e(_bound(b["lo"]))}–'
+                       f'{e(_bound(b["hi"]))} s: {b["count"]}</title></rect>'
+                       f'<text x="{x + slot / 2:.1f}" y="{y0 - h - 3:.1f}" '
+                       f'text-anchor="middle">{b["count"]}</text>')
+    out.append(f'<text x="{left + pw / 2:.1f}" y="{height - 12}" text-anchor="middle">'
+               'downtime (s, bucket upper bound)</text>')
+    out.append(f'<text x="12" y="{top + ph / 2:.1f}" text-anchor="middle" '
+               f'transform="rotate(-90 12 {top + ph / 2:.1f})">hosts</text>')
+    if not dt["count"]:
+        out.append(f'<text x="{left + pw / 2:.1f}" y="{top + ph / 2:.1f}" '
+                   'text-anchor="middle">no downtime measured</text>')
+    return "\n".join(out) + "\n</svg>"
+
+
+_CSS = """body{font-family:sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f0f0f0}.success,.passed,.completed{color:#1a7f37}
+.failed,.aborted,.rolled_back{color:#c62828;font-weight:bold}.skipped{color:#888}
+td{white-space:nowrap}td.wrap{white-space:normal}
+td.reason{font-family:monospace;white-space:pre-wrap}"""
+
+
+def _html_table(cols: Optional[list[str]], rows: list[list[str]]) -> str:
+    """A table of already-escaped <td> cells, with a header row unless `cols` is None."""
+    head = "" if cols is None else \
+        "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>\n"
+    body = "".join("<tr>" + "".join(cells) + "</tr>\n" for cells in rows)
+    return f"<table>\n{head}{body}</table>"
+
+
+def _td(v: Any, cls: Optional[str] = None) -> str:
+    c = f' class="{html.escape(cls)}"' if cls else ""
+    return f"<td{c}>{html.escape(str(v))}</td>"
+
+
+def render_html(fleet: dict, out_dir: Optional[str] = None) -> str:
+    """fleet.html: self-contained (inline CSS + SVG, no script); host reports are linked when
+    they exist under `out_dir` (always, when out_dir is None)."""
+    e = html.escape
+    ro, dt = fleet["rollout"], fleet["downtime"]
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>kho-fleet rollout {e(ro['id'])}</title>", f"<style>{_CSS}</style>",
+             "</head><body>",
+             f'<h1>Rollout {e(ro["id"])}: '
+             f'<span class="{e(ro["status"])}">{e(ro["status"])}</span></h1>']
+    parts.append(_html_table(None, [[f"<th>{e(k)}</th>", _td(v)] for k, v in _summary(ro)]))
+    parts.append("<h2>Stages</h2>")
+    parts.append(_html_table(_STAGE_COLS, [
+        [_td(c, {1: s["status"], 6: "wrap"}.get(i)) for i, c in enumerate(_stage_cells(s))]
+        for s in fleet["stages"]]))
+    parts.append("<h2>Downtime</h2>")
+    parts.append(f"<p>{e(_dt_line(dt))}</p>")
+    parts.append(_svg(dt))
+    parts.append("<h2>Hosts</h2>")
+    rows = []
+    for h in fleet["hosts"]:
+        cells = [_td(c, h["result"] if i == 3 else None) for i, c in enumerate(_host_cells(h))]
+        rel = h["report"]
+        if _linked(rel, out_dir):
+            cells.append(f'<td><a href="{e(rel)}">{e(rel)}</a></td>')
+        else:
+            cells.append(_td(rel or "—"))
+        rows.append(cells)
+    parts.append(_html_table(_HOST_COLS, rows))
+    parts.append("<h2>Failures</h2>")
+    if fleet["failures"]:
+        parts.append(_html_table(["host", "stage", "phase", "reason"], [
+            [_td(f["host"]), _td(f["stage"]), _td(f["phase"]), _td(f["reason"], "reason")]
+            for f in fleet["failures"]]))
+    else:
+        parts.append("<p>None.</p>")
+    parts.append(f"<p><small>{e(fleet['schema'])}, generated {e(_ts(fleet['generated']))}"
+                 "</small></p></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_fleet_report(out_dir: str, fleet: dict) -> dict[str, str]:
+    """Write fleet.json, fleet.md and fleet.html into `out_dir`; their paths by format."""
+    paths = {k: os.path.join(out_dir, f"fleet.{k}") for k in ("json", "md", "html")}
+    _write_text(paths["json"], json.dumps(fleet, indent=2, sort_keys=True) + "\n")
+    _write_text(paths["md"], render_markdown(fleet, out_dir))
+    _write_text(paths["html"], render_html(fleet, out_dir))
+    return paths
