@@ -10,6 +10,9 @@ from html.parser import HTMLParser
 
 import pytest
 
+from kho_fleet.playbook import Gate
+from kho_fleet.rollout import judge_gate
+
 from kho_fleet.fleetreport import (SCHEMA, build_fleet_report, controller_timings,
                                    downtime_summary, host_report_path, percentile,
                                    write_fleet_report, write_host_report)
@@ -54,7 +57,9 @@ def rollout(tmp_path):
         through_kexec(db, h, d)
         db.transition(h, "verified")
         db.transition(h, "reported", report=agent_report(h, blackout=d - 0.25))
-    db.set_stage(0, "passed", gate={"result": "pass", "success_ratio": 1.0, "downtime_p95_s": 1.95})
+    db.set_stage(0, "passed", gate=judge_gate(Gate(max_downtime_p95_s=30.0), [
+        {"state": "reported", "result": "success", "downtime_s": 1.95, "workloads_ok": True},
+        {"state": "reported", "result": "success", "downtime_s": 1.95, "workloads_ok": True}]))
     db.set_stage(1, "running")
     through_kexec(db, "b1")                      # only the agent's blackout: 3.0 s
     db.transition("b1", "verified")
@@ -65,7 +70,10 @@ def rollout(tmp_path):
                                       failure={"phase": "verify", "reason": EVIL}))
     db.transition("b3", "preflight")
     db.transition("b3", "failed", error="ssh: connection refused & <gone>")
-    db.set_stage(1, "failed", gate={"result": "fail", "success_ratio": 1 / 3, "failed_hosts": 2})
+    db.set_stage(1, "failed", gate=judge_gate(Gate(max_failed_hosts=1), [
+        {"state": "reported", "result": "success", "downtime_s": 2.0, "workloads_ok": True},
+        {"state": "failed", "result": "failed", "downtime_s": None, "workloads_ok": False},
+        {"state": "failed", "result": "failed", "downtime_s": None, "workloads_ok": False}]))
     db.set_status("aborted", "stage rest failed its gate")
     yield db
     db.close()
@@ -132,7 +140,7 @@ def test_fleet_json(rollout) -> None:
     can, rest = fleet["stages"]
     assert (can["name"], can["status"], can["hosts"], can["succeeded"], can["failed"]) == (
         "canary", "passed", 2, 2, 0)
-    assert can["gate"]["downtime_p95_s"] == 1.95
+    assert can["gate"]["criteria"]["max_downtime_p95_s"]["got"] == 1.95
     assert can["downtime"] == {"count": 2, "p50": 1.5, "p95": 1.95, "max": 2.0}
     assert (rest["succeeded"], rest["failed"], rest["skipped"]) == (1, 2, 0)
     # downtimes: a1 1.0, a2 2.0 (controller), b1 3.0 (agent blackout only), b2 700 (controller)
@@ -174,7 +182,9 @@ def test_written_reports(rollout, tmp_path) -> None:
 
     md = open(paths["md"]).read()
     assert "| stage | status | hosts | succeeded | failed | skipped | gate |" in md
-    assert "| canary | passed | 2 | 2 | 0 | 0 | pass; success_ratio=1; downtime_p95_s=1.95 |" in md
+    assert ("| canary | passed | 2 | 2 | 0 | 0 | passed; min_success_ratio 1 (want 1.0); "
+            "max_downtime_p95_s 1.95 (want 30.0); all_workloads_verified True (want True) |") in md
+    assert "max_failed_hosts 2 (want 1) ✗" in md
     assert "fail; success_ratio=0.3333; failed_hosts=2 |" in md
     assert "[hosts/a1.json](hosts/a1.json) |" in md and "| hosts/b1.json |" in md
     assert "| host | stage | state | result |" in md and "| b3 | rest | failed | failed |" in md
