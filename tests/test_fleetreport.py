@@ -185,7 +185,7 @@ def test_written_reports(rollout, tmp_path) -> None:
     assert ("| canary | passed | 2 | 2 | 0 | 0 | passed; min_success_ratio 1 (want 1.0); "
             "max_downtime_p95_s 1.95 (want 30.0); all_workloads_verified True (want True) |") in md
     assert "max_failed_hosts 2 (want 1) ✗" in md
-    assert "fail; success_ratio=0.3333; failed_hosts=2 |" in md
+    assert "FAILED; min_success_ratio 0.3333 (want 1.0) ✗" in md
     assert "[hosts/a1.json](hosts/a1.json) |" in md and "| hosts/b1.json |" in md
     assert "| host | stage | state | result |" in md and "| b3 | rest | failed | failed |" in md
     assert "| b2 | rest | verify | &lt;script&gt;alert(1)&lt;/script&gt; |" in md
