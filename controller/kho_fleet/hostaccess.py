@@ -12,12 +12,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .inventory import Host
 from .transport import HostUnreachable, LocalTransport, Transport, TransportError
 
-__all__ = ["AgentCall", "HostAccess", "SSHHostAccess", "TwinHostAccess", "host_access"]
+__all__ = ["AgentCall", "HostAccess", "host_access"]
 
 
 @dataclass
@@ -45,16 +45,26 @@ class AgentCall:
 
 
 class HostAccess:
-    """Base: a transport, the agent's directory on the host, and agent invocation."""
+    """A transport, the agent's directory on the host, and agent invocation.
 
-    kind = "host"
+    With `twin_root`, the "host" is a digital twin reached through that transport (a sim
+    host locally, or a twin behind an sshd in the SSH tests): the agent gets
+    $KHO_AGENT_TWIN and boots are read from the twin's state file instead of boot_id.
+    """
 
-    def __init__(self, host: Host, transport: Transport) -> None:
+    def __init__(self, host: Host, transport: Transport, *, twin_root: Optional[str] = None,
+                 reconnect: Optional[Callable[[], Transport]] = None) -> None:
         self.host = host
         self.name = host.name
         self.t = transport
+        self.twin_root = twin_root
+        self._reconnect = reconnect
         self.agent_dir = host.agent_dir
         self.pyz: Optional[str] = None
+
+    @property
+    def kind(self) -> str:
+        return ("sim" if isinstance(self.t, LocalTransport) else "ssh") if self.twin_root else self.t.kind
 
     # --- files ---------------------------------------------------------------------------
     def push(self, local: str) -> str:
@@ -68,16 +78,18 @@ class HostAccess:
     # --- agent ----------------------------------------------------------------------------
     def _argv(self, step: str, args: tuple[str, ...]) -> list[str]:
         assert self.pyz is not None, "push_agent() first"
-        return [self.host.python, self.pyz, step, "--json",
+        argv = [self.host.python, self.pyz, step, "--json",
                 "--state-dir", os.path.join(self.agent_dir, "state"), *args]
-
-    def _env(self) -> Optional[dict[str, str]]:
-        return None
+        if isinstance(self.t, LocalTransport) and self.t.root is not None:
+            # a sim host: this machine's python; host paths live under the twin's root
+            argv = [sys.executable] + [self.t.path(a) if a.startswith("/") else a for a in argv[1:]]
+        return argv
 
     def agent(self, step: str, *args: str, timeout: float = 300.0) -> AgentCall:
         """Run one agent step; HostUnreachable propagates (the host may be kexec'ing)."""
         t0 = time.monotonic()
-        r = self.t.run(self._argv(step, args), env=self._env(), timeout=timeout)
+        env = {"KHO_AGENT_TWIN": self.twin_root} if self.twin_root else None
+        r = self.t.run(self._argv(step, args), env=env, timeout=timeout)
         try:
             data = json.loads(r.stdout) if r.stdout.strip() else None
         except ValueError:
@@ -85,94 +97,80 @@ class HostAccess:
         return AgentCall(step, r.rc, data, r.stderr.strip(), time.monotonic() - t0)
 
     # --- boots ----------------------------------------------------------------------------
+    def _twin_state(self) -> dict:
+        assert self.twin_root is not None
+        r = self.t.run(["cat", os.path.join(self.twin_root, "twin.state")], timeout=15)
+        try:
+            return json.loads(r.stdout) if r.rc == 0 else {}
+        except ValueError:
+            return {}
+
     def boot_marker(self) -> str:
         """Something that changes with every boot, kexec included."""
-        raise NotImplementedError
+        if self.twin_root is None:
+            return self.t.boot_id()
+        st = self._twin_state()
+        if st.get("state") != "up":
+            raise HostUnreachable(self.name, "boot marker", f"twin is {st.get('state', 'not running')}")
+        return f"twin-boot-{st.get('boot_count')}"
 
     def wait_back(self, old_marker: Optional[str], timeout: float) -> float:
         """Seconds until the host answers from a boot other than `old_marker`."""
-        raise NotImplementedError
+        if self.twin_root is None:
+            from .transport.ssh import wait_for_ssh
+            assert self._reconnect is not None
+            self.t.close()
+            secs = wait_for_ssh(self._reconnect, timeout, interval=1.0,
+                                previous_boot_id=old_marker)
+            self.t = self._reconnect()
+            self.t.connect()
+            return secs
+        t0 = time.monotonic()
+        state = "?"
+        while time.monotonic() - t0 < timeout:
+            try:
+                st = self._twin_state()
+            except HostUnreachable:            # the connection dropped: reconnect and retry
+                st = {}
+                self._fresh_transport()
+            state = st.get("state", "?")
+            if state == "up" and f"twin-boot-{st.get('boot_count')}" != old_marker:
+                return time.monotonic() - t0
+            if state == "off":
+                break
+            time.sleep(0.05 if isinstance(self.t, LocalTransport) else 0.5)
+        raise HostUnreachable(self.name, "wait for boot", f"did not come back within "
+                              f"{timeout:.0f}s (twin state {state})")
+
+    def _fresh_transport(self) -> None:
+        if self._reconnect is not None:
+            try:
+                self.t.close()
+                t = self._reconnect()
+                t.connect()
+                self.t = t
+            except TransportError:
+                pass
 
     def close(self) -> None:
         self.t.close()
 
 
-class SSHHostAccess(HostAccess):
-    """A real host over SSH (known_hosts verified unless the inventory says tofu)."""
-
-    kind = "ssh"
-
-    def __init__(self, host: Host, ssh_timeout: float = 30.0) -> None:
-        from .transport.ssh import SSHTransport
-        self._make = lambda: SSHTransport.from_hostvars(
-            host.name, host.vars, trust_on_first_use=host.ssh_trust == "tofu",
-            connect_timeout=ssh_timeout)
-        super().__init__(host, self._make())
-
-    def boot_marker(self) -> str:
-        return self.t.boot_id()
-
-    def wait_back(self, old_marker: Optional[str], timeout: float) -> float:
-        from .transport.ssh import wait_for_ssh
-        self.t.close()
-        secs = wait_for_ssh(self._make, timeout, interval=1.0, previous_boot_id=old_marker)
-        self.t = self._make()
-        self.t.connect()
-        return secs
-
-
-class TwinHostAccess(HostAccess):
-    """A digital-twin host: the agent runs here, with $KHO_AGENT_TWIN naming the twin."""
-
-    kind = "sim"
-
-    def __init__(self, host: Host, twin_root: str) -> None:
-        self.root = os.path.abspath(twin_root)
-        super().__init__(host, LocalTransport(host.name, root=self.root))
-
-    def _argv(self, step: str, args: tuple[str, ...]) -> list[str]:
-        argv = super()._argv(step, args)
-        # this machine's python; host paths live under the twin's root
-        return [sys.executable] + [self.t.path(a) if a.startswith("/") else a  # type: ignore[attr-defined]
-                                   for a in argv[1:]]
-
-    def _env(self) -> dict[str, str]:
-        return {"KHO_AGENT_TWIN": self.root}
-
-    def _state(self) -> dict:
-        try:
-            with open(os.path.join(self.root, "twin.state")) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
-    def boot_marker(self) -> str:
-        st = self._state()
-        if st.get("state") != "up":
-            raise HostUnreachable(f"{self.name}: twin is {st.get('state', 'not running')}")
-        return str(st.get("boot_count"))
-
-    def wait_back(self, old_marker: Optional[str], timeout: float) -> float:
-        t0 = time.monotonic()
-        while True:
-            st = self._state()
-            if st.get("state") == "up" and str(st.get("boot_count")) != old_marker:
-                return time.monotonic() - t0
-            if st.get("state") == "off":
-                raise HostUnreachable(f"{self.name}: twin powered off")
-            if time.monotonic() - t0 > timeout:
-                raise HostUnreachable(f"{self.name}: did not come back within {timeout:.0f}s "
-                                      f"(twin state {st.get('state', '?')})")
-            time.sleep(0.05)
-
-
 def host_access(host: Host, *, twin_root: Optional[str] = None,
                 ssh_timeout: float = 30.0) -> HostAccess:
-    """The access for `host`: a twin (sim) or SSH; `local` is this machine over no SSH."""
+    """The access for `host`: a sim host (a twin, locally), SSH (a real host, or a twin
+    when kho_twin_root is set), or `local` (this machine)."""
+    root = twin_root or host.twin_root
     if host.transport == "sim":
-        if twin_root is None:
-            raise TransportError(f"{host.name}: sim host without a twin root")
-        return TwinHostAccess(host, twin_root)
+        if root is None:
+            raise TransportError(host.name, "connect", "sim host without a twin root")
+        return HostAccess(host, LocalTransport(host.name, root=root), twin_root=root)
     if host.transport == "local":
-        return HostAccess(host, LocalTransport(host.name))
-    return SSHHostAccess(host, ssh_timeout)
+        return HostAccess(host, LocalTransport(host.name), twin_root=root)
+    from .transport.ssh import SSHTransport
+
+    def make() -> Transport:
+        return SSHTransport.from_hostvars(
+            host.name, host.vars, trust_on_first_use=host.ssh_trust == "tofu",
+            known_hosts=host.ssh_known_hosts, connect_timeout=ssh_timeout)
+    return HostAccess(host, make(), twin_root=root, reconnect=make)

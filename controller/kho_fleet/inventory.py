@@ -247,6 +247,8 @@ HOST_VARS: tuple[HostVar, ...] = (
     HostVar("kho_sim_ram_mib", "int", 256, "sim hosts: RAM of the twin in MiB (>= 64)"),
     HostVar("kho_sim_boot_delay", "seconds", 0.5, "sim hosts: seconds a twin takes to boot"),
     HostVar("kho_sim_release", "str", "7.2.13-twin", "sim hosts: the twin's running release"),
+    HostVar("kho_sim_kho", "choice", "kho-v4", "sim hosts: the KHO ABI the twin's kernel speaks",
+            ("kho-v2", "kho-v3", "kho-v4")),
 )
 _VARS = {v.name: v for v in HOST_VARS}
 
@@ -353,6 +355,7 @@ class Host:
     sim_ram_mib = _accessor("kho_sim_ram_mib")
     sim_boot_delay = _accessor("kho_sim_boot_delay")
     sim_release = _accessor("kho_sim_release")
+    sim_kho = _accessor("kho_sim_kho")
 
     @property
     def address(self) -> str:

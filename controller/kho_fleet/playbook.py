@@ -156,7 +156,8 @@ class Playbook:
                                 f"host in {inventory.path}")
         if self.target.is_twin:
             for n in play:
-                if inventory.hosts[n].transport != "sim":
+                h = inventory.hosts[n]
+                if h.transport != "sim" and not h.twin_root:     # twins may sit behind sshd
                     raise PlaybookError(
                         f"{self.target.where['kernel']}: target.kernel: {self.target.kernel} "
                         f"is a twin image, but host {n!r} has kho_transport: "

@@ -356,7 +356,8 @@ class Rollout:
                     break
                 hosts = [h.name for h in self.db.hosts(stage=idx)]
                 if row.status != "paused":
-                    self.db.set_stage(idx, "running")
+                    if row.status != "running":        # (running: resumed after a crash)
+                        self.db.set_stage(idx, "running")
                     self._stage_note(idx, "running")
                     with ThreadPoolExecutor(max_workers=max(1, stage.max_parallel)) as ex:
                         list(ex.map(self.run_host, hosts))

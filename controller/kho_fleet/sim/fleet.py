@@ -74,7 +74,7 @@ def ensure_twin(host: Host, sim_dir: str = DEFAULT_SIM_DIR, timeout: float = 30.
         return st
     h = start_twin(st.root, wait=True, timeout=timeout, faults=list(host.sim_faults),
                    ram_mib=host.sim_ram_mib, page_size=host.page_size,
-                   release=host.sim_release, boot_delay=host.sim_boot_delay,
+                   release=host.sim_release, kho=host.sim_kho, boot_delay=host.sim_boot_delay,
                    exit_with=0)           # a daemon: it outlives this controller
     h.proc.returncode = 0                 # detach: do not reap or stop it with the handle
     return twin_status(host, sim_dir)
