@@ -93,6 +93,7 @@ class Rollout:
         self._artifacts: Optional[dict[str, str]] = None
         self._lock = threading.Lock()
         self.metrics = opts.metrics
+        self._counted = 0.0
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -171,7 +172,10 @@ class Rollout:
         if self.metrics is not None:
             row = self.db.host(host)
             self.metrics.host_state(host, self.pb.stages[row.stage_idx].name, state)
-            self.metrics.update_counts(self.db.counts())
+            now = time.monotonic()
+            if now - self._counted >= 0.5:      # counts scan every host: at most twice a second
+                self._counted = now
+                self.metrics.update_counts(self.db.counts())
 
     def _move(self, host: str, state: str, **fields: Any) -> None:
         self.db.transition(host, state, **fields)

@@ -105,6 +105,7 @@ CREATE TABLE event(
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, host TEXT, event TEXT NOT NULL,
   detail TEXT);
 CREATE INDEX event_host ON event(host, id);
+CREATE INDEX host_name ON host(name);
 """
 _FIELDS = ("last_contact", "kexec_started_at", "back_at", "report", "error")
 
@@ -207,6 +208,7 @@ def _connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA cache_size = -512")      # KiB: one connection per pool thread
     return conn
 
 
@@ -218,6 +220,10 @@ class StateDB:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        # Writers of this process queue here rather than in SQLite's busy handler, whose
+        # sleep-and-retry starves some of hundreds of threads (seen at max_parallel 500);
+        # other processes still serialize through SQLite's lock and busy_timeout.
+        self._write_lock = threading.Lock()
         version = self._conn().execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
             raise StateError(f"{self.path}: schema version {version}, this kho-fleet reads "
@@ -315,7 +321,7 @@ class StateDB:
         self.close()
 
     def _write(self) -> "_Txn":
-        return _Txn(self._conn())
+        return _Txn(self._conn(), self._write_lock)
 
     # -- the rollout and its stages ------------------------------------------------------
 
@@ -488,18 +494,27 @@ class StateDB:
 class _Txn:
     """`with` one BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
         self.conn = conn
+        self.lock = lock
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.lock.acquire()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
         return self.conn
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
+        try:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            else:
+                self.conn.execute("ROLLBACK")
+        finally:
+            self.lock.release()
 
 
 def _log(c: sqlite3.Connection, host: Optional[str], event: str, detail: Optional[str]) -> None:
