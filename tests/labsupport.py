@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple
 
+from kho_agent.abi.fdt import parse_header
+
 PAGE_SIZE = 4096
 FDT_MAGIC = 0xD00DFEED
 
@@ -71,33 +73,13 @@ class Coverage:
         return i >= 0 and pa + n <= self.ends[i]
 
 
-@dataclass(frozen=True)
-class FdtHeader:
-    """The ten big-endian u32s of a flattened device tree header."""
-
-    magic: int
-    totalsize: int
-    off_dt_struct: int
-    off_dt_strings: int
-    off_mem_rsvmap: int
-    version: int
-    last_comp_version: int
-    boot_cpuid_phys: int
-    size_dt_strings: int
-    size_dt_struct: int
-
-    @classmethod
-    def parse(cls, data: bytes) -> "FdtHeader":
-        return cls(*struct.unpack_from(">10I", data))
-
-
 def root_u64_props(fdt: bytes) -> List[Tuple[int, int]]:
     """(nameoff, little-endian value) of each 8-byte property of the root node.
 
     Tolerates truncation: stops at the first token that runs past the end of `fdt`,
     so it works without the strings block (names stay as offsets).
     """
-    hdr = FdtHeader.parse(fdt)
+    hdr = parse_header(fdt)
     p, depth, out = hdr.off_dt_struct, 0, []
     while p + 4 <= len(fdt):
         tok = struct.unpack_from(">I", fdt, p)[0]

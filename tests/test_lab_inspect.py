@@ -29,7 +29,8 @@ from kho_fleet.lab.probe import (
     parse_probe_output,
 )
 from kho_fleet.lab.qemu import QemuConfig, QemuError, QemuVM, find_qemu
-from labsupport import PAGE_SIZE, FDT_MAGIC, Coverage, ElfCore, FdtHeader, root_u64_props
+from kho_agent.abi.fdt import parse_header
+from labsupport import PAGE_SIZE, FDT_MAGIC, Coverage, ElfCore, root_u64_props
 
 pytestmark = pytest.mark.lab
 
@@ -202,7 +203,7 @@ def test_inspect_with_truncated_debugfs_fdt(
     """debugfs kho/out/fdt is truncated (lab finding 3): inspect must use the full FDT in memory."""
     inspected = _json_of(inspect_run)
     fdt = lab_guest.report.outfdt
-    hdr = FdtHeader.parse(fdt)
+    hdr = parse_header(fdt)
     assert hdr.magic == FDT_MAGIC
     truncated = hdr.totalsize > len(fdt)
     if truncated:
@@ -250,7 +251,7 @@ def test_real_root_fdt_matches_pylibfdt(
     assert phys, inspected["kho"]
     core = ElfCore(lab_guest.dump)
     try:
-        size = FdtHeader.parse(core.read(phys, 40)).totalsize
+        size = parse_header(core.read(phys, 40)).totalsize
         blob = core.read(phys, size)
     finally:
         core.close()

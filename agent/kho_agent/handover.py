@@ -5,12 +5,12 @@ it learned in the state dir so the next step -- possibly in the next kernel -- g
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import Optional
 
 from . import journal
+from .digest import sha256_file
 from .holder import HolderClient, HolderError, holder_client, spawn_holder
 from .kernel import Kernel, KernelError, LiveUpdateError, TWIN_ENV
 from .preflight import preflight, running_abi
@@ -31,14 +31,6 @@ class AgentError(Exception):
     def __init__(self, phase: str, msg: str) -> None:
         super().__init__(msg)
         self.phase = phase
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Agent:
@@ -92,7 +84,7 @@ class Agent:
                 continue
             if not os.path.isfile(path):
                 raise self._fail("stage", f"{path}: no such file")
-        digest = _sha256_file(kernel_image)
+        digest = sha256_file(kernel_image)
         if sha256 and digest != sha256.lower():
             raise self._fail("stage", f"{kernel_image}: sha256 {digest} != expected {sha256}")
         res = preflight(self.kernel, kernel_image=kernel_image, initrd=initrd,

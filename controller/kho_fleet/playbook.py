@@ -35,7 +35,6 @@ Decisions:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -46,6 +45,7 @@ from typing import Any, Optional, Union
 from kho_agent.workload import SpecError, WorkloadSpec, parse_spec
 
 from .inventory import Inventory, InventoryError, YamlDoc, load_yaml
+from kho_agent.digest import sha256_file
 
 __all__ = ["PlaybookError", "Target", "Gate", "Stage", "Timeouts", "Playbook", "load_playbook",
            "TWIN_SCHEME", "ON_FAILURE"]
@@ -88,7 +88,7 @@ class Target:
             if path is None or (what == "kernel" and self.is_twin):
                 continue
             try:
-                got = _sha256_file(path)
+                got = sha256_file(path)
             except OSError as e:
                 raise PlaybookError(f"{self.where[what]}: target.{what}: {path}: "
                                     f"{e.strerror}") from None
@@ -182,14 +182,6 @@ class Playbook:
             remaining = [h for h in remaining if h not in chosen]
             out.append(take)
         return out
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _TOP = ("name", "hosts", "target", "workloads", "stages", "on_failure", "timeouts")
@@ -399,6 +391,6 @@ def load_playbook(path: str) -> Playbook:
     """Read and check a playbook; PlaybookError('file:line: field: problem') if bad."""
     doc = load_yaml(path, PlaybookError)
     pb = _Checker(doc).run()
-    pb.sha256 = _sha256_file(path)
+    pb.sha256 = sha256_file(path)
     return pb
 

@@ -29,7 +29,6 @@ Timestamps are Unix seconds (REAL).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -38,6 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
+from kho_agent.digest import sha256_file
 
 __all__ = ["StateError", "IllegalTransition", "HOST_STATES", "HAPPY_PATH", "ROLLOUT_STATUSES",
            "STAGE_STATUSES", "TRANSITIONS", "RolloutRow", "StageRow", "HostRow", "Event",
@@ -180,14 +180,6 @@ class Event:
     detail: Optional[str]
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -265,8 +257,8 @@ class StateDB:
         try:
             conn.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
             conn.execute("INSERT INTO rollout VALUES (?,?,?,?,?,?,?,?)",
-                         (rid, os.path.abspath(playbook_path), _sha256(playbook_path),
-                          os.path.abspath(inventory_path), _sha256(inventory_path), now,
+                         (rid, os.path.abspath(playbook_path), sha256_file(playbook_path),
+                          os.path.abspath(inventory_path), sha256_file(inventory_path), now,
                           "running", None))
             for idx, (name, hosts) in enumerate(stages):
                 conn.execute("INSERT INTO stage(rollout, idx, name, status) VALUES (?,?,?,?)",

@@ -131,7 +131,7 @@ class TwinKernel(Kernel):
         except (OSError, ValueError):
             return {"state": "off"}
         pid = st.get("pid")
-        if st.get("state") != "off" and pid and not _alive(int(pid)):
+        if st.get("state") != "off" and pid and not proto.pid_alive(int(pid)):
             st["state"] = "off"
         return st
 
@@ -300,13 +300,3 @@ class TwinKernel(Kernel):
     def set_fault(self, name: str, value: Optional[float] = None, clear: bool = False) -> list[str]:
         """Arm (or clear) a fault by name; returns the armed faults."""
         return list(self.control("fault", name=name, value=value, clear=clear)["faults"])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -139,3 +139,19 @@ def call(sock: socket.socket, obj: dict, fds: Sequence[int] = ()) -> tuple[dict,
 def reply_error(err: int, msg: str) -> dict[str, Any]:
     """An error reply."""
     return {"ok": False, "errno": err, "error": msg}
+
+
+def pid_alive(pid: Optional[int]) -> bool:
+    """True while `pid` runs; a zombie (reaped here if it is our child) counts as gone."""
+    if not pid:
+        return False
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
+from kho_agent.digest import sha256_file
+
 __all__ = ["RootfsError", "DEFAULT_PACKAGES", "DEFAULT_SUITE", "build_rootfs", "cached_rootfs",
            "find_debian_mirror", "image_key"]
 
@@ -43,14 +45,6 @@ PathLike = Union[str, Path]
 
 class RootfsError(RuntimeError):
     """The root filesystem could not be built; the message is one line naming the step."""
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _key(obj: object) -> str:
@@ -114,7 +108,7 @@ def image_key(kernels: Sequence[Path], ssh_pubkey: str, suite: str, mirror: str,
     tree = _key({"recipe": _RECIPE_VERSION, "suite": suite, "mirror": mirror,
                  "packages": sorted(packages)})
     image = _key({"tree": tree, "pubkey": ssh_pubkey.strip(),
-                  "kernels": [(k.name, _sha256_file(k)) for k in kernels]})
+                  "kernels": [(k.name, sha256_file(k)) for k in kernels]})
     return tree, image
 
 

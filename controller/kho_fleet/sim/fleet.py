@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..inventory import Host, Inventory
+from kho_agent.kernel.twinproto import pid_alive
+
 from .twinkernel import TwinError, start_twin
 
 __all__ = ["DEFAULT_SIM_DIR", "TwinStatus", "twin_root", "twin_status", "ensure_twin",
@@ -37,22 +39,6 @@ def twin_root(host: Host, sim_dir: str = DEFAULT_SIM_DIR) -> str:
     return os.path.abspath(host.twin_root or os.path.join(sim_dir, host.name))
 
 
-def _alive(pid: Optional[int]) -> bool:
-    """True while `pid` runs (a zombie child of ours is reaped and counts as gone)."""
-    if not pid:
-        return False
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def twin_status(host: Host, sim_dir: str = DEFAULT_SIM_DIR) -> TwinStatus:
     root = twin_root(host, sim_dir)
     try:
@@ -61,7 +47,7 @@ def twin_status(host: Host, sim_dir: str = DEFAULT_SIM_DIR) -> TwinStatus:
     except (OSError, ValueError):
         st = {}
     state = st.get("state", "absent")
-    if state != "off" and st and not _alive(st.get("pid")):
+    if state != "off" and st and not pid_alive(st.get("pid")):
         state = "off"
     return TwinStatus(host.name, root, state, st.get("pid"), st.get("release"),
                       st.get("boot_count"))
@@ -99,13 +85,13 @@ def fleet_down(inv: Inventory, sim_dir: str = DEFAULT_SIM_DIR, timeout: float = 
         if h.transport != "sim":
             continue
         st = twin_status(h, sim_dir)
-        if _alive(st.pid):
+        if pid_alive(st.pid):
             assert st.pid is not None
             os.kill(st.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while _alive(st.pid) and time.monotonic() < deadline:
+            while pid_alive(st.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(st.pid):
+            if pid_alive(st.pid):
                 os.kill(st.pid, signal.SIGKILL)
         out.append(twin_status(h, sim_dir))
     return out

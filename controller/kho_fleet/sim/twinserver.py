@@ -180,7 +180,7 @@ class TwinServer:
         self.timers = [t for t in self.timers if t[0] > now]
         for _, fn in sorted(due, key=lambda t: t[0]):
             fn()
-        if self.cfg.exit_with and not _alive(self.cfg.exit_with):
+        if self.cfg.exit_with and not proto.pid_alive(self.cfg.exit_with):
             log.info("pid %d is gone: powering off", self.cfg.exit_with)
             self.stopping = True
 
@@ -582,16 +582,6 @@ def check_fault_errno(name: str) -> str:
         return check_fault(name)
     except TwinError as e:
         raise Errno(errno.EINVAL, str(e)) from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fd_holders(links: set[str], idents: set[tuple[int, int]]) -> set[int]:

@@ -24,7 +24,6 @@ Errors are one line, name the host and the operation, and never carry secrets
 from __future__ import annotations
 
 import abc
-import hashlib
 import logging
 import os
 import posixpath
@@ -34,6 +33,8 @@ import shlex
 import time
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Tuple, Union
+
+from kho_agent.digest import sha256_file
 
 __all__ = [
     "Transport",
@@ -142,14 +143,6 @@ class Placed:
 
     def __str__(self) -> str:
         return self.path
-
-
-def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_argv(argv: Sequence[object]) -> list:
