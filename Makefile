@@ -21,6 +21,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/radix_walk.py
+	$(PY) bench/verify_throughput.py
+	$(PY) bench/agent_kexec.py 1024
+	$(PY) bench/controller_scale.py 10000 500
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
