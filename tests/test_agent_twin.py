@@ -100,6 +100,25 @@ def test_agent_killed_before_finish_names_the_lost_workloads(tmp_path: Path) -> 
     assert "vm-ram/0x1001" in rep["failure"]["reason"]
 
 
+def test_holder_fault_knob_exits_after_the_nth_retrieve(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """KHO_AGENT_FAULT=exit-after-retrieve=2 (the lab tests' knob, here on a twin): the
+    holder dies right after the journal and the first workload are retrieved; the verify
+    retry reports that workload's session lost and the other session verified."""
+    monkeypatch.setenv("KHO_AGENT_FAULT", "exit-after-retrieve=2")
+    res = run_sim_handover(str(tmp_path), workload_mib=4, boot_delay=0.2)
+    rep = res.report
+    assert rep["result"] == "failed" and rep["failure"]["phase"] == "verify"
+    lost = {(w["session"], w["token"]) for w in rep["workloads"] if not w["verified"]}
+    assert lost == {("vm-ram", 0x1001), ("vm-ram", 0x1002)}
+    for w in rep["workloads"]:
+        if not w["verified"]:
+            assert "session lost" in w["error"] and "died mid-retrieval" in w["error"]
+    assert rep["journal"]["from"] == "disk"
+    log = (Path(res.root) / "var/lib/kho-agent/holder.log").read_text()
+    assert "KHO_AGENT_FAULT: exiting after RETRIEVE_FD #2" in log
+
+
 def test_two_handovers_in_a_row(tmp_path: Path) -> None:
     """After a KHO boot there is no debugfs kho/out/fdt: the second snapshot must find the
     outgoing FDT in memory; kexec-metadata then counts 2."""
@@ -161,6 +180,9 @@ def test_holder_owns_liveupdate_and_adopts_a_workload_memfd(tmp_path: Path) -> N
         twin.wait_ready(10, boot_count=2)
         ver = run_agent(root, "verify")
         assert ver["rc"] == 0 and ver["json"]["result"] == "success", ver
+        again = run_agent(root, "verify")             # e.g. the systemd unit, then the controller
+        assert again["rc"] == 0 and again["json"]["result"] == "success", again
+        assert again["json"]["workloads"] == ver["json"]["workloads"]
         with HolderClient(state) as h:
             _, fds = h.call("claim", session="app", token=9)
         assert len(fds) == 1

@@ -356,7 +356,7 @@ kt = LinuxKernel(kexec_tool=None)
 kt.kexec_load("/boot/bzImage-{RELEASE_B}", None, None)   # --reuse-cmdline equivalent
 loaded = kt.kexec_loaded()
 if loaded:
-    kt.kexec_exec()
+    kt.kexec_exec(delay=3.0)    # time for this answer to get out under a loaded TCG host
 out({{"loaded": loaded}})
 """)
     assert r["loaded"]

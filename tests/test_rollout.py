@@ -120,7 +120,7 @@ def test_rollout_on_twins_with_metrics_and_reports(sim: Path) -> None:
         assert (sim / "reports" / ro.id / f).stat().st_size > 500
     fams = {f.name: f for f in text_string_to_metric_families(final)}
     totals = {(s.labels["result"], s.labels["stage"]): s.value
-              for s in fams["kho_fleet_handovers"].samples if s.name.endswith("_total")}
+              for s in fams["kho_fleet_handovers"].samples if s.name.endswith("_total") and s.value}
     assert totals == {("success", "canary"): 1, ("success", "rest"): 1, ("failed", "rest"): 1}
     hist = [s for s in fams["kho_fleet_handover_downtime_seconds"].samples
             if s.name.endswith("_count")]

@@ -7,6 +7,7 @@ same figures go to a `.prom` file for node_exporter's textfile collector.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any, Optional
 
 from .state import AgentState, write_json
@@ -182,7 +183,8 @@ def write_report(rep: dict, state_dir: str, textfile_dir: Optional[str] = None) 
     text = prom_text(rep)
     for d in filter(None, (state_dir, textfile_dir)):
         os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".{PROM_FILE}.tmp")
-        with open(tmp, "w") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{PROM_FILE}.", dir=d)   # concurrent writers
+        with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, os.path.join(d, PROM_FILE))

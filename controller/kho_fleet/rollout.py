@@ -299,7 +299,7 @@ class Rollout:
             self._note(name, "failed", fail["reason"])
         if self.metrics is not None:
             self.metrics.handover_finished(name, self.pb.stages[row.stage_idx].name, rep,
-                                           self.db.host(name).downtime_s)
+                                           self.db.host(name).downtime_s, report_path=path)
 
     def _fail(self, name: str, phase: str, reason: str, report: Optional[dict] = None) -> None:
         row = self.db.host(name)
@@ -312,7 +312,7 @@ class Rollout:
         self._note(name, "failed", f"{phase}: {reason}")
         if self.metrics is not None:
             self.metrics.handover_finished(name, self.pb.stages[row.stage_idx].name, rep,
-                                           self.db.host(name).downtime_s)
+                                           self.db.host(name).downtime_s, report_path=path)
 
     def _write_host_report(self, name: str, rep: dict) -> str:
         from .fleetreport import write_host_report
@@ -362,6 +362,10 @@ class Rollout:
                 if row.status != "paused":
                     if row.status != "running":        # (running: resumed after a crash)
                         self.db.set_stage(idx, "running")
+                    if self.metrics is not None:       # series exist (at 0) before a first failure
+                        for result in ("success", "failed", "aborted"):
+                            self.metrics["kho_fleet_handovers_total"].labels(
+                                result=result, stage=stage.name).inc(0)
                     self._stage_note(idx, "running")
                     with ThreadPoolExecutor(max_workers=max(1, stage.max_parallel)) as ex:
                         list(ex.map(self.run_host, hosts))
