@@ -8,9 +8,11 @@ PYTHON=${PYTHON:-python3}
 
 # Debian packages: swig + libfdt (to build pylibfdt), qemu (real-kernel tests),
 # gcc's static libc (the lab test's init), openssh-server (SSH integration tests),
-# debootstrap + e2fsprogs + qemu-utils (the lab guests' root filesystem and overlays).
+# debootstrap + e2fsprogs + qemu-utils (the lab guests' root filesystem and overlays);
+# prometheus (server + promtool), prometheus-node-exporter, prometheus-pushgateway and
+# systemd (systemd-analyze) for the operations kit's tests (tests/test_ops_*.py).
 debs=(swig python3-dev qemu-system-x86 qemu-utils libc6-dev gcc openssh-server openssh-client
-      debootstrap e2fsprogs prometheus-pushgateway)
+      debootstrap e2fsprogs prometheus-pushgateway prometheus prometheus-node-exporter systemd)
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${debs[@]}"; do
