@@ -1,11 +1,13 @@
-"""Helpers for the real-kernel lab tests: read an ELF memory dump by physical address,
-check coverage of pages by radix-tree blocks, and walk a (possibly truncated) FDT header.
+"""Helpers for the real-kernel lab tests: where the lab kernels and the rootfs cache are,
+read an ELF memory dump by physical address, check coverage of pages by radix-tree blocks,
+and walk a (possibly truncated) FDT header.
 """
 
 from __future__ import annotations
 
 import bisect
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,13 @@ from kho_agent.abi.fdt import parse_header
 
 PAGE_SIZE = 4096
 FDT_MAGIC = 0xD00DFEED
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_LAB = REPO.parent / "shared/lab"             # the prebuilt lab kernels (optional)
+KERNEL_A = SHARED_LAB / "bzImage-7.2.13-kho"         # kho-v4, release 7.2.13
+KERNEL_B = SHARED_LAB / "bzImage-7.2.13-lab-b"       # the same ABI, release 7.2.13-lab-b
+KERNEL_V3 = SHARED_LAB / "bzImage-7.2.13-abi-kho-v3"  # KHO ABI kho-v3: a mismatch
+LAB_CACHE = Path(os.environ.get("KHO_LAB_CACHE", REPO / ".lab/cache"))
 
 
 @dataclass
@@ -126,31 +135,41 @@ def lab_guest_skip_reason(kernels: Sequence[Path]) -> str:
     return ""
 
 
+def rootfs_skip_reason(cache: Path, kernel: Path, extra_kernels: Sequence[Path]) -> str:
+    """Why the lab rootfs for these kernels cannot be had here ("" if it is cached, or can
+    be built: root and debootstrap, or apt-get to install it)."""
+    import os
+    import shutil
+
+    from kho_fleet.lab.guest import lab_key
+    from kho_fleet.lab.rootfs import cached_rootfs
+    if cached_rootfs(cache, kernel, lab_key(cache).public,
+                     extra_kernels=list(extra_kernels)) is not None:
+        return ""
+    have_tool = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin")
+    if os.geteuid() != 0 or not (have_tool or shutil.which("apt-get")):
+        return "no cached lab rootfs, and debootstrap is unavailable (needs root + debootstrap)"
+    return ""
+
+
 def boot_lab_guest(work: Path, cache: Path, kernel: Path, extra_kernels: Sequence[Path],
                    repo: Path, agent_pyz: str):  # -> (LabGuest, note) or raises pytest outcomes
     """Build (or reuse) the cached rootfs, boot a guest on `kernel`, copy the agent zipapp.
 
     Skips (with the reason printed) when qemu, a kernel or debootstrap is missing."""
-    import os
-    import shutil
     import time
 
     import pytest
 
     from kho_fleet.lab.guest import GuestError, LabGuest, lab_key
-    from kho_fleet.lab.rootfs import RootfsError, build_rootfs, cached_rootfs
+    from kho_fleet.lab.rootfs import RootfsError, build_rootfs
 
-    why = lab_guest_skip_reason([kernel, *extra_kernels])
+    why = lab_guest_skip_reason([kernel, *extra_kernels]) or \
+        rootfs_skip_reason(cache, kernel, extra_kernels)
     if why:
         print(f"\nlab guest skipped: {why}")
         pytest.skip(why)
     key = lab_key(cache)
-    if cached_rootfs(cache, kernel, key.public, extra_kernels=list(extra_kernels)) is None:
-        have_tool = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin")
-        if os.geteuid() != 0 or not (have_tool or shutil.which("apt-get")):
-            why = "no cached lab rootfs, and debootstrap is unavailable (needs root + debootstrap)"
-            print(f"\nlab guest skipped: {why}")
-            pytest.skip(why)
     t0 = time.monotonic()
     try:
         image = build_rootfs(cache, kernel, key.public, extra_kernels=list(extra_kernels))

@@ -138,6 +138,19 @@ def test_typed_accessors_and_defaults(tmp_path) -> None:
     assert len(names) == len(set(names)) and all(v.description for v in HOST_VARS)
 
 
+def test_agent_env_is_a_string_mapping(tmp_path) -> None:
+    """kho_agent_env: values become strings; absent means no extra environment."""
+    inv = load_inventory(write(tmp_path, """
+        all:
+          hosts:
+            h1: {kho_agent_env: {KHO_AGENT_FAULT: exit-after-retrieve=2, N: 3, B: true}}
+            h2:
+        """))
+    assert inv.hosts["h1"].agent_env == {"KHO_AGENT_FAULT": "exit-after-retrieve=2",
+                                         "N": "3", "B": "true"}
+    assert inv.hosts["h2"].agent_env is None
+
+
 def test_ranges() -> None:
     assert expand_host_range("web[01:03]") == ["web01", "web02", "web03"]
     assert expand_host_range("n[1:10:4].lab") == ["n1.lab", "n5.lab", "n9.lab"]
@@ -221,6 +234,12 @@ def test_ignored_vars_warn(tmp_path) -> None:
      "3: host 'h1': kho_transport: must be one of ssh, sim, local"),
     ("all:\n  hosts:\n    h1: {kho_ssh_trust: yolo}\n",
      "3: host 'h1': kho_ssh_trust: must be one of known_hosts, tofu"),
+    ("all:\n  hosts:\n    h1: {kho_agent_env: [A=1]}\n",
+     "3: host 'h1': kho_agent_env: must be a mapping of NAME: value, got a list"),
+    ("all:\n  hosts:\n    h1: {kho_agent_env: {1A: x}}\n",
+     "3: host 'h1': kho_agent_env: '1A' is not an environment variable name"),
+    ("all:\n  hosts:\n    h1: {kho_agent_env: {A: [1]}}\n",
+     "3: host 'h1': kho_agent_env: A: must be a string or number without NUL, got a list"),
     ("all:\n  hosts:\n    h1:\n    h1:\n", "4: all.hosts.h1: duplicate key (first on line 3)"),
     ("all:\n  hosts:\n    web[3:1]:\n", "3: host 'web[3:1]': bad host range"),
     ("all:\n  hosts:\n    'a b':\n", "3: host 'a b': host names may use letters"),

@@ -9,7 +9,6 @@ refusal of bzImage-7.2.13-abi-kho-v3) -> stage -> preserve -> snapshot (+ a QMP 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,16 +18,10 @@ from typing import Any, Dict, Iterator
 import pytest
 
 from kho_fleet.lab.guest import LabGuest
-from labsupport import Coverage, boot_lab_guest
+from labsupport import KERNEL_A, KERNEL_B, KERNEL_V3, REPO, Coverage, boot_lab_guest
+from labsupport import LAB_CACHE as CACHE
 
 pytestmark = pytest.mark.lab
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared/lab"
-KERNEL_A = SHARED / "bzImage-7.2.13-kho"
-KERNEL_B = SHARED / "bzImage-7.2.13-lab-b"
-KERNEL_V3 = SHARED / "bzImage-7.2.13-abi-kho-v3"
-CACHE = Path(os.environ.get("KHO_LAB_CACHE", REPO / ".lab/cache"))
 PYZ = "/root/kho-agent.pyz"
 SPEC = {"sessions": [{"name": "vm-ram", "memfds": [{"token": 0x1001, "size": "64MiB", "seed": 1}]},
                      {"name": "cache", "memfds": [{"token": 0x2001, "size": "8MiB", "seed": 2}]}]}

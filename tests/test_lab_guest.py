@@ -267,7 +267,7 @@ out(res)
 def test_kexec_into_b(guest: LabGuest, state: Dict[str, Any]) -> None:
     need(state, "loaded")
     old = guest.boot_id()
-    r = py(guest, "k.kexec_exec(); out({'returned': time.time()})")
+    r = py(guest, "k.kexec_exec(delay=2.0); out({'returned': time.time()})")
     t0 = time.monotonic()
     assert r["returned"]
     try:

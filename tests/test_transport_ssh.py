@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -255,6 +256,53 @@ def test_unreachable_and_silent_servers_fail_fast(ssh_lab):
         with pytest.raises(HostUnreachable):
             _ssh(ssh_lab, port=silent.getsockname()[1], connect_timeout=1.0).connect()
         assert time.monotonic() - t0 < 4
+
+
+def test_auth_that_never_answers_is_unreachable_not_rejected(ssh_lab: Any,
+                                                             tmp_path: Path) -> None:
+    """A server that completes the key exchange but never answers userauth (the sshd of a
+    host still booting after kexec, starved of CPU) is a slow host, to be retried."""
+    import paramiko
+    host_key = paramiko.RSAKey.generate(1024)
+    release = threading.Event()
+
+    class Stall(paramiko.ServerInterface):
+        def get_allowed_auths(self, username: str) -> str:
+            """Offer publickey only."""
+            return "publickey"
+
+        def check_auth_publickey(self, username: str, key: Any) -> int:
+            """Never answer in time (until the test is done)."""
+            release.wait(10)
+            return paramiko.AUTH_FAILED
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve() -> None:
+        """Accept one client, complete the key exchange, then stall."""
+        conn, _ = srv.accept()
+        t = paramiko.Transport(conn)
+        t.add_server_key(host_key)
+        try:
+            t.start_server(server=Stall())
+            release.wait(10)
+        finally:
+            t.close()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(HostUnreachable) as ei:
+            _ssh(ssh_lab, port=srv.getsockname()[1], known_hosts=str(tmp_path / "kh"),
+                 trust_on_first_use=True, connect_timeout=1.0).connect()
+        assert "no answer to authentication" in str(ei.value) and time.monotonic() - t0 < 5
+    finally:
+        release.set()
+        th.join(5)
+        srv.close()
 
 
 @pytest.fixture

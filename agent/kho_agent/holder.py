@@ -9,6 +9,11 @@ Before kexec: `preserve` (create + fill or adopt memfds, PRESERVE_FD, record sha
 PFNs) and `seal` (the journal, in the agent's own preserved memfd). After kexec:
 `retrieve` (journal, then every workload: RETRIEVE_FD, sha256, PFNs, FINISH), then
 `claim` hands a memfd to its workload and `release` drops them on purpose.
+
+Fault injection, for lab tests only: with KHO_AGENT_FAULT=exit-after-retrieve=N in its
+environment, the holder calls os._exit(1) right after its N-th successful RETRIEVE_FD
+(the journal's included), as a crashed agent would: LUO drops every session it had
+retrieved but not FINISHed. Each holder process counts its own retrievals.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .workload import (AGENT_SESSION, JOURNAL_TOKEN, SpecError, fill_pattern, ha
 
 __all__ = ["SOCKET", "HolderError", "Holder", "HolderClient", "spawn_holder", "holder_client"]
 
+FAULT_ENV = "KHO_AGENT_FAULT"
 SOCKET = "holder.sock"
 PIDFILE = "holder.pid"
 LOG = "holder.log"
@@ -39,6 +45,19 @@ LOG = "holder.log"
 
 class HolderError(Exception):
     """A holder request failed; the message is the holder's one-line reason."""
+
+
+def _exit_after_retrieve() -> Optional[int]:
+    """N of KHO_AGENT_FAULT=exit-after-retrieve=N (fault injection for lab tests), else None."""
+    value = os.environ.get(FAULT_ENV)
+    if not value:
+        return None
+    name, _, n = value.partition("=")
+    if name != "exit-after-retrieve" or not n.isdigit() or int(n) < 1:
+        print(f"holder: ignoring {FAULT_ENV}={value!r} (known: exit-after-retrieve=N)",
+              file=sys.stderr, flush=True)
+        return None
+    return int(n)
 
 
 class Holder:
@@ -55,6 +74,16 @@ class Holder:
         self.journal_fd: Optional[int] = None              # prepared, not yet sealed
         self.journal_count = 0
         self.running = True
+        self.retrieved = 0                                  # successful RETRIEVE_FDs
+        self.exit_after_retrieve = _exit_after_retrieve()   # fault injection (lab tests)
+
+    def _count_retrieve(self) -> None:
+        """Count one successful RETRIEVE_FD; exit here if the fault knob says so."""
+        self.retrieved += 1
+        if self.exit_after_retrieve == self.retrieved:
+            print(f"holder: {FAULT_ENV}: exiting after RETRIEVE_FD #{self.retrieved}",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
 
     # --- requests --------------------------------------------------------------------
     def op_ping(self, req: dict, fds: list[int]) -> dict:
@@ -161,6 +190,7 @@ class Holder:
             sess = self.lu.retrieve_session(AGENT_SESSION)
             self.incoming[AGENT_SESSION] = sess
             jfd = sess.retrieve_fd(JOURNAL_TOKEN)
+            self._count_retrieve()
             try:   # the file position is preserved too: read from 0, whatever it is
                 jr = parse_journal(os.pread(jfd, os.fstat(jfd).st_size, 0))
             finally:
@@ -193,6 +223,7 @@ class Holder:
                     res["error"] = f"RETRIEVE_FD: {e}"
                     results.append(res)
                     continue
+                self._count_retrieve()
                 self.fds[(name, int(w["token"]))] = fd
                 got.append((res, fd, int(w["size"])))
             for res, fd, size in got:

@@ -291,6 +291,15 @@ def cmd_sim_fleet(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    """The QEMU lab (kho_fleet.labcmd): its failures become one-line CliErrors."""
+    from .labcmd import LabCliError, run
+    try:
+        return run(args)
+    except LabCliError as e:
+        raise CliError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kho-fleet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -359,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--keep", action="store_true", help="keep the temporary twin host")
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(func=cmd_sim_handover)
+
+    from .labcmd import add_lab_parser
+    add_lab_parser(sub).set_defaults(func=cmd_lab)
     return p
 
 

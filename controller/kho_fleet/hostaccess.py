@@ -88,8 +88,10 @@ class HostAccess:
     def agent(self, step: str, *args: str, timeout: float = 300.0) -> AgentCall:
         """Run one agent step; HostUnreachable propagates (the host may be kexec'ing)."""
         t0 = time.monotonic()
-        env = {"KHO_AGENT_TWIN": self.twin_root} if self.twin_root else None
-        r = self.t.run(self._argv(step, args), env=env, timeout=timeout)
+        env = dict(self.host.agent_env or {})          # inventory kho_agent_env
+        if self.twin_root:
+            env["KHO_AGENT_TWIN"] = self.twin_root
+        r = self.t.run(self._argv(step, args), env=env or None, timeout=timeout)
         try:
             data = json.loads(r.stdout) if r.stdout.strip() else None
         except ValueError:

@@ -208,7 +208,7 @@ class HostVar:
     """One host var kho-fleet understands: its type, default and meaning."""
 
     name: str
-    type: str                      # str | port | bool | path | abspath | seconds | int | strlist | choice
+    type: str                      # str | port | bool | path | abspath | seconds | int | strlist | choice | env
     default: Any
     description: str
     choices: tuple = ()
@@ -242,6 +242,9 @@ HOST_VARS: tuple[HostVar, ...] = (
             ("known_hosts", "tofu")),
     HostVar("kho_ssh_known_hosts", "path", None,
             "an extra known_hosts file (e.g. the one `kho-fleet lab up` writes)"),
+    HostVar("kho_agent_env", "env", None,
+            "environment variables for the agent's runs on the host (a mapping), e.g. the "
+            "lab tests' KHO_AGENT_FAULT"),
     HostVar("kho_sim_faults", "strlist", (),
             "sim hosts: faults the twin injects (bitflip, lost-page, never-returns, ...)"),
     HostVar("kho_sim_ram_mib", "int", 256, "sim hosts: RAM of the twin in MiB (>= 64)"),
@@ -263,6 +266,7 @@ IGNORED_VARS: dict[str, str] = {
     "ansible_ssh_pass": "only keys (agent, ansible_ssh_private_key_file) are used",
     "ansible_become_password": "become is sudo -n (passwordless)",
 }
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BOOL_WORDS = {"yes": True, "true": True, "on": True, "1": True,
                "no": False, "false": False, "off": False, "0": False}
 
@@ -306,6 +310,17 @@ def _check_var(var: HostVar, v: Any, base: str) -> Any:
         if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
             raise ValueError(f"must be a list of names, got {v!r}")
         return tuple(v)
+    if t == "env":
+        if not isinstance(v, dict):
+            raise ValueError(f"must be a mapping of NAME: value, got {_kind(v)}")
+        out = {}
+        for k, x in v.items():
+            if not isinstance(k, str) or not _ENV_NAME.match(k):
+                raise ValueError(f"{k!r} is not an environment variable name")
+            if isinstance(x, (dict, list)) or x is None or "\0" in str(x):
+                raise ValueError(f"{k}: must be a string or number without NUL, got {_kind(x)}")
+            out[k] = str(x).lower() if isinstance(x, bool) else str(x)
+        return out
     if t == "seconds":
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"must be a positive number of seconds, got {v!r}")
@@ -351,6 +366,7 @@ class Host:
     boot_timeout = _accessor("kho_boot_timeout")
     ssh_trust = _accessor("kho_ssh_trust")
     ssh_known_hosts = _accessor("kho_ssh_known_hosts")
+    agent_env = _accessor("kho_agent_env")
     sim_faults = _accessor("kho_sim_faults")
     sim_ram_mib = _accessor("kho_sim_ram_mib")
     sim_boot_delay = _accessor("kho_sim_boot_delay")

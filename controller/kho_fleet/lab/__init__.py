@@ -1,6 +1,8 @@
-"""Real-kernel lab harness: initramfs builder, QMP client and QEMU runner (stdlib only).
+"""Real-kernel lab harness: initramfs builder, QMP client, QEMU runner, Debian rootfs,
+SSH-reachable guests, the lab fleet (guests that outlive `kho-fleet lab up`) and kernels.
 
-Used by the lab tests to boot a KHO/LUO kernel under QEMU and dump its memory.
+Used by `kho-fleet lab` (kho_fleet/labcmd.py) and the lab tests to boot KHO/LUO kernels
+under QEMU, roll kernels across them and dump their memory.
 """
 
 from kho_fleet.lab.initramfs import CpioEntry, Initramfs, build_init_initramfs, read_newc
@@ -8,9 +10,13 @@ from kho_fleet.lab.qemu import DumpResult, QemuConfig, QemuError, QemuVM, find_q
 from kho_fleet.lab.qmp import QMPClient, QMPError
 from kho_fleet.lab.rootfs import RootfsError, build_rootfs, cached_rootfs
 from kho_fleet.lab.guest import GuestError, LabGuest, lab_key
+from kho_fleet.lab.fleet import GuestRecord, LabError, LabFleet
 
 __all__ = [
     "GuestError",
+    "GuestRecord",
+    "LabError",
+    "LabFleet",
     "LabGuest",
     "RootfsError",
     "build_rootfs",

@@ -120,7 +120,7 @@ class LabGuest:
     def __init__(self, workdir: PathLike, kernel: PathLike, image: PathLike, key: LabKey, *,
                  append: str = GUEST_APPEND, memory_mib: int = 1024, smp: int = 2,
                  accel: str = "tcg", port: Optional[int] = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), new_session: bool = False) -> None:
         self.workdir = Path(workdir).resolve()
         self.kernel = Path(kernel).resolve()
         self.image = Path(image).resolve()
@@ -131,6 +131,7 @@ class LabGuest:
         self.accel = accel
         self.port = port
         self.extra_args = list(extra_args)
+        self.new_session = new_session      # QEMU outlives this process (see release())
         self.vm: Optional[QemuVM] = None
         self.boot_seconds: Optional[float] = None
         self._ssh = None  # paramiko.SSHClient
@@ -185,7 +186,7 @@ class LabGuest:
         t0 = time.monotonic()
         for attempt in range(3):        # a free port can be taken before QEMU binds it
             port = self.port or free_port()
-            vm = QemuVM(self._config(port), self.workdir / "vm")
+            vm = QemuVM(self._config(port), self.workdir / "vm", new_session=self.new_session)
             try:
                 vm.start()
             except QemuError as e:
@@ -208,6 +209,14 @@ class LabGuest:
         if self.vm is not None:
             self.vm.shutdown()
             self.vm = None
+
+    def release(self) -> Optional[int]:
+        """Close SSH and leave QEMU running on its own; returns its pid. The guest is then
+        reached by port (SSH) and QMP socket only, e.g. by `kho-fleet lab`."""
+        self._close_ssh()
+        pid = self.vm.detach() if self.vm is not None else None
+        self.vm = None
+        return pid
 
     def __enter__(self) -> "LabGuest":
         self.start()

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, List, Optional, Pattern, Sequence, Union
+from typing import IO, Callable, List, Optional, Pattern, Sequence, Union
 
 from kho_fleet.lab.qmp import QMPClient, QMPError
 
@@ -29,6 +29,51 @@ class QemuError(RuntimeError):
 def find_qemu(name: str = "qemu-system-x86_64") -> Optional[str]:
     """Path of the QEMU binary, or None when it is not installed."""
     return shutil.which(name)
+
+
+def dump_guest_memory(qmp: QMPClient, path: Union[str, Path], *, timeout: float = 300.0,
+                      resume: bool = False,
+                      alive: Optional[Callable[[], bool]] = None) -> "DumpResult":
+    """Stop the guest behind `qmp` and write an ELF core of its physical memory (paging
+    off, PT_LOAD p_paddr = guest physical) to `path`; QMP `cont` after it if `resume`.
+
+    Uses `detach` and waits for DUMP_COMPLETED (polling `query-dump` as a fallback);
+    `alive()` (if given) says whether QEMU still runs, to fail fast when it died.
+    """
+    out = Path(path).resolve()
+    if out.exists():
+        out.unlink()
+    t0 = time.monotonic()
+    try:
+        qmp.execute("stop")
+        qmp.execute(
+            "dump-guest-memory",
+            {"paging": False, "protocol": f"file:{out}", "detach": True},
+            timeout=timeout,
+        )
+        deadline = t0 + timeout
+        while True:
+            try:
+                left = max(0.1, deadline - time.monotonic())
+                ev = qmp.wait_event("DUMP_COMPLETED", timeout=min(2.0, left))
+                if "error" in ev.data:
+                    raise QemuError(f"dump-guest-memory failed: {ev.data['error']}")
+                break
+            except QMPError:
+                if alive is not None and not alive():
+                    raise QemuError("QEMU exited during the dump") from None
+                status = qmp.execute("query-dump")
+                if status.get("status") == "completed":
+                    break
+                if status.get("status") == "failed":
+                    raise QemuError(f"dump-guest-memory failed: {status}")
+                if time.monotonic() >= deadline:
+                    raise QemuError(f"dump-guest-memory timed out after {timeout:.0f}s: {status}")
+        if resume:
+            qmp.execute("cont")
+    except QMPError as exc:
+        raise QemuError(f"memory dump failed: {exc}") from exc
+    return DumpResult(out, out.stat().st_size, time.monotonic() - t0)
 
 
 @dataclass
@@ -65,6 +110,7 @@ class QemuVM:
     proc: Optional["subprocess.Popen[bytes]"] = None
     qmp: Optional[QMPClient] = None
     started_at: float = 0.0
+    new_session: bool = False  # QEMU in its own session: it outlives us (see detach())
     _sock_dir: Optional[Path] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -120,7 +166,8 @@ class QemuVM:
         try:
             self.started_at = time.monotonic()
             self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT
+                self.command(), stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
+                start_new_session=self.new_session,
             )
         except OSError as exc:
             raise QemuError(f"cannot run {self.config.qemu}: {exc}") from exc
@@ -194,42 +241,28 @@ class QemuVM:
         The guest stays stopped unless `resume` (then QMP `cont` after the dump).
         """
         qmp = self._require_qmp()
-        out = Path(path).resolve()
-        if out.exists():
-            out.unlink()
-        t0 = time.monotonic()
+
+        def alive() -> bool:
+            """QEMU is still running."""
+            return self.proc is not None and self.proc.poll() is None
+
         try:
-            qmp.execute("stop")
-            qmp.execute(
-                "dump-guest-memory",
-                {"paging": False, "protocol": f"file:{out}", "detach": True},
-                timeout=timeout,
-            )
-            deadline = t0 + timeout
-            while True:
-                try:
-                    left = max(0.1, deadline - time.monotonic())
-                    ev = qmp.wait_event("DUMP_COMPLETED", timeout=min(2.0, left))
-                    if "error" in ev.data:
-                        raise QemuError(f"dump-guest-memory failed: {ev.data['error']}")
-                    break
-                except QMPError:
-                    if self.proc is None or self.proc.poll() is not None:
-                        raise QemuError(self._describe_exit("QEMU exited during the dump"))
-                    status = qmp.execute("query-dump")
-                    if status.get("status") == "completed":
-                        break
-                    if status.get("status") == "failed":
-                        raise QemuError(f"dump-guest-memory failed: {status}")
-                    if time.monotonic() >= deadline:
-                        raise QemuError(
-                            f"dump-guest-memory timed out after {timeout:.0f}s: {status}"
-                        )
-            if resume:
-                qmp.execute("cont")
-        except QMPError as exc:
-            raise QemuError(f"memory dump failed: {exc}") from exc
-        return DumpResult(out, out.stat().st_size, time.monotonic() - t0)
+            return dump_guest_memory(qmp, path, timeout=timeout, resume=resume, alive=alive)
+        except QemuError as exc:
+            if not alive():
+                raise QemuError(self._describe_exit("QEMU exited during the dump")) from exc
+            raise
+
+    def detach(self) -> Optional[int]:
+        """Let QEMU run on without this object: close QMP (the socket stays for the next
+        client) and forget the process. Returns its pid (None: never started)."""
+        pid = self.proc.pid if self.proc is not None else None
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+        self.proc = None
+        self._sock_dir = None   # the socket lives on with QEMU
+        return pid
 
     def shutdown(self, timeout: float = 10.0) -> Optional[int]:
         """QMP `quit`, then SIGTERM, then SIGKILL; return QEMU's exit status (None: never ran)."""

@@ -451,6 +451,13 @@ class SSHTransport(Transport):
             t = client.get_transport()
             reached_auth = t is not None and t.is_active() and t.host_key is not None
             client.close()
+            if isinstance(e, paramiko.AuthenticationException) and \
+                    str(e) == "Authentication timeout.":
+                # the server never answered (e.g. sshd of a host still booting after kexec,
+                # starved of CPU): a slow host, not a rejected key -- retryable
+                raise HostUnreachable(self.host, "connect",
+                                      f"{where}: no answer to authentication within "
+                                      f"{ct:g}s") from None
             if isinstance(e, (paramiko.AuthenticationException, paramiko.PasswordRequiredException)) \
                     or (reached_auth and isinstance(e, (paramiko.SSHException, ValueError, OSError))):
                 raise TransportError(self.host, "connect",
