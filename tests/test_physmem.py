@@ -278,3 +278,28 @@ def test_open_live_memory_reports_both_sources():
 
 def test_segment_end():
     assert Segment(0x1000, 0x2000, 0, 0).end == 0x3000
+
+
+def test_fdt_scan_survives_an_unreadable_page_in_its_chunk(tmp_path) -> None:
+    """An unreadable page in the same 16 MiB scan chunk as the KHO root FDT must not hide
+    the FDT (seen on the real kernel: /dev/mem refused a page inside System RAM and the
+    whole chunk was skipped). /dev/mem is absent here, so a raw image refuses one page."""
+    from kho_agent.abi.kho import KhoSubtree, encode_kho_fdt
+    from kho_agent.inspect import find_kho_fdts
+    from kho_agent.physmem import PhysMemError, RawImage
+
+    class RefusingImage(RawImage):
+        def read(self, phys: int, length: int) -> bytes:
+            if phys <= (8 << 20) < phys + length:
+                raise PhysMemError(f"physical 0x{phys:x}: refused")
+            return super().read(phys, length)
+
+    fdt = encode_kho_fdt("kho-v4", 0x200000, [KhoSubtree("LUO", 0x300000, 32)])
+    img = bytearray(16 << 20)
+    img[12 << 20:(12 << 20) + len(fdt)] = fdt
+    raw = tmp_path / "ram.img"
+    raw.write_bytes(bytes(img))
+    with RefusingImage(str(raw)) as mem:
+        found = find_kho_fdts(mem, 4096)
+    assert [c.phys for c in found] == [12 << 20]
+    assert found[0].root is not None and found[0].root.memory_map_root == 0x200000

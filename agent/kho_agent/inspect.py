@@ -52,6 +52,16 @@ def find_kho_fdts(mem: PhysicalMemory, page_size: int, *, limit: int = 256) -> l
             try:
                 chunk = mem.read(pos, n)
             except MemoryReadError:
+                # a hole or an unreadable page inside the chunk (/dev/mem refuses some):
+                # look at the first bytes of each page instead of skipping 16 MiB
+                hits = []
+                for page in range(pos, pos + n, page_size):
+                    try:
+                        if mem.read(page, 4) == _MAGIC:
+                            hits.append(page)
+                    except MemoryReadError:
+                        continue
+                found += [c for c in (_candidate(mem, p, page_size) for p in hits) if c]
                 pos += n
                 continue
             i = chunk.find(_MAGIC)
