@@ -122,14 +122,11 @@ class Agent:
         """Start the holder and preserve every workload of `spec` through LUO."""
         with self._holder() as h:
             try:
-                reply, _ = h.call("preserve", spec=spec.to_json())
+                h.call("preserve", spec=spec.to_json())
+                records, _ = h.call("records")     # the holder's list: created and adopted
             except HolderError as e:
                 raise self._fail("preserve", str(e)) from None
-        prev = read_json(self._path(PRESERVE_FILE)) or {"workloads": []}
-        have = {(w["session"], w["token"]) for w in reply["workloads"]}
-        merged = [w for w in prev["workloads"] if (w["session"], w["token"]) not in have]
-        merged += reply["workloads"]
-        out = {"workloads": merged, "spec": spec.to_json()}
+        out = {"workloads": records["workloads"], "spec": spec.to_json()}
         write_json(self._path(PRESERVE_FILE), out)
         self.state.enter("preserve")
         self._save()
