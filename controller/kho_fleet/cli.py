@@ -12,15 +12,19 @@ from kho_agent.abi.memory import MemoryReadError
 from kho_agent.inspect import InspectError, inspect_memory
 from kho_agent.physmem import open_memory
 
-EXIT_UNUSABLE = 2
+from .sim.faults import ALL_FAULTS
+
+from .errors import EXIT_INPUT, EXIT_INTERNAL, Bug, InputError, KhoFleetError
+
+EXIT_UNUSABLE = EXIT_INPUT
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit code attached."""
+class CliError(InputError):
+    """A bad command line (or a failure the CLI words itself): one line, exit code attached."""
 
-    def __init__(self, msg: str, code: int = EXIT_UNUSABLE) -> None:
+    def __init__(self, msg: str, code: int = EXIT_INPUT) -> None:
         super().__init__(msg)
-        self.code = code
+        self.exit_code = code
 
 
 def _int(text: str) -> int:
@@ -28,6 +32,73 @@ def _int(text: str) -> int:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _port(text: str) -> int:
+    """A TCP port 0..65535 (argparse type; 0 picks a free one)."""
+    n = _int(text)
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{text}: a port is 0..65535 (0 picks a free one)")
+    return n
+
+
+def _check_listen(addr: str, port: int) -> None:
+    """Refuse --metrics-addr/--metrics-port that cannot be bound, before anything starts."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        fam, typ, proto, _, sa = infos[0]
+        with socket.socket(fam, typ, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(sa)
+    except (OSError, UnicodeError) as e:
+        raise CliError(f"--metrics-addr {addr} --metrics-port {port}: cannot listen there "
+                       f"({getattr(e, 'strerror', None) or e})") from None
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds, at most a week (argparse type)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < v <= 7 * 86400:
+        raise argparse.ArgumentTypeError(f"{text}: seconds must be > 0 and at most 604800 "
+                                         "(a week)")
+    return v
+
+
+def _url(text: str) -> str:
+    """An http(s)://host[:port][/path] URL (argparse type), e.g. a Pushgateway's."""
+    from urllib.parse import urlsplit
+    try:
+        u = urlsplit(text)
+        port = u.port
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a URL ({e})") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an http:// or https:// URL with a host")
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port is 1..65535")
+    return text
+
+
+def check_dir_option(option: str, path: str) -> None:
+    """Refuse a directory option naming a file, or a place where it cannot be created.
+
+    Nothing is created: the nearest existing ancestor must be a writable directory."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"{option} {path}: exists and is not a directory")
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise CliError(f"{option} {path}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CliError(f"{option} {path}: {probe} is not writable")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -83,12 +154,13 @@ def cmd_sim_handover(args: argparse.Namespace) -> int:
     """One full handover on a fresh digital-twin host, through the real agent."""
     import tempfile
 
-    from .sim.handover import AGENT_FAULTS, TWIN_FAULTS, run_sim_handover
-    if args.fault and args.fault not in TWIN_FAULTS + AGENT_FAULTS:
-        raise CliError(f"--fault {args.fault!r}: known faults are "
-                       + ", ".join(TWIN_FAULTS + AGENT_FAULTS))
+    from .sim.handover import run_sim_handover
+    if args.fault and args.fault not in ALL_FAULTS:
+        raise CliError(f"--fault {args.fault!r}: known faults are " + ", ".join(ALL_FAULTS))
     if args.workload_mib < 1 or args.workload_mib > 4096:
         raise CliError(f"--workload-mib {args.workload_mib}: 1..4096")
+    if args.workdir:
+        check_dir_option("--workdir", args.workdir)
     work = args.workdir or tempfile.mkdtemp(prefix="kho-sim-")
     res = run_sim_handover(work, fault=args.fault, workload_mib=args.workload_mib,
                            boot_timeout=args.boot_timeout)
@@ -111,31 +183,31 @@ def cmd_sim_handover(args: argparse.Namespace) -> int:
 
 def _rollout_opts(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .rollout import RolloutOptions
+    for option, attr in (("--rollouts-dir", "rollouts_dir"), ("--reports-dir", "reports_dir"),
+                         ("--sim-dir", "sim_dir")):
+        if getattr(args, attr, None) is not None:
+            check_dir_option(option, getattr(args, attr))
     return RolloutOptions(rollouts_dir=args.rollouts_dir, reports_dir=args.reports_dir,
                           sim_dir=args.sim_dir, dry_run=getattr(args, "dry_run", False))
 
 
-def _input_errors():  # type: ignore[no-untyped-def]
-    from .inventory import InventoryError
-    from .playbook import PlaybookError
-    from .rollout import RolloutError
-    from .statedb import StateError
-    return (InventoryError, PlaybookError, RolloutError, StateError)
-
-
 def cmd_rollout(args: argparse.Namespace) -> int:
     """Roll the playbook's kernel across the inventory (or --resume ID)."""
-    from .rollout import Rollout
+    from .rollout import Rollout, RolloutFinished
     opts = _rollout_opts(args)
-    try:
-        if args.resume:
+    if args.metrics_port is not None:
+        _check_listen(args.metrics_addr, args.metrics_port)
+    if args.resume:
+        try:
             ro = Rollout.resume(args.resume, opts)
-        else:
-            if not args.playbook or not args.inventory:
-                raise CliError("rollout needs --playbook and --inventory (or --resume ID)")
-            ro = Rollout.start(args.playbook, args.inventory, opts)
-    except _input_errors() as e:
-        raise CliError(str(e)) from None
+        except RolloutFinished as e:
+            print(json.dumps({"id": args.resume, "finished": True, "message": str(e)})
+                  if args.json else f"kho-fleet: {e}")
+            return 0
+    else:
+        if not args.playbook or not args.inventory:
+            raise CliError("rollout needs --playbook and --inventory (or --resume ID)")
+        ro = Rollout.start(args.playbook, args.inventory, opts)
     return _drive(ro, args)
 
 
@@ -148,10 +220,11 @@ def _drive(ro, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
         try:
             server = ro.metrics.serve(args.metrics_port, args.metrics_addr)
         except (MetricsError, OSError) as e:
+            ro.halt(f"metrics not served: {e}")
             raise CliError(f"--metrics-port {args.metrics_port}: {e}") from None
     if not args.json:
         print(f"rollout {ro.id}: {ro.pb.name} ({len(ro.db.hosts())} hosts, "
-              f"state {ro.db.path})", file=sys.stderr)
+              f"state {ro.db.path})" + (", dry run" if ro.opts.dry_run else ""), file=sys.stderr)
     try:
         if args.json or not sys.stderr.isatty():
             fleet = ro.run()
@@ -198,7 +271,10 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 def _open_db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .statedb import StateDB, list_rollouts
+    check_dir_option("--rollouts-dir", args.rollouts_dir)
     rid = args.id
+    if rid is not None and (not rid or "/" in rid or rid.startswith(".")):
+        raise CliError(f"{rid!r} is not a rollout id")
     if rid is None:
         rows = list_rollouts(args.rollouts_dir)
         if not rows:
@@ -207,17 +283,15 @@ def _open_db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     path = os.path.join(args.rollouts_dir, rid)
     if not os.path.exists(os.path.join(path, "state.db")):
         raise CliError(f"no rollout {rid!r} in {args.rollouts_dir}")
-    try:
-        return StateDB.open(path)
-    except _input_errors() as e:
-        raise CliError(str(e)) from None
+    return StateDB.open(path)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """A rollout's status, stages and hosts (default: the newest rollout)."""
     db = _open_db(args)
     r = db.rollout()
-    data = {"rollout": {"id": r.id, "status": r.status, "reason": r.reason,
+    mode = (r.options or {}).get("mode", "unrecorded")
+    data = {"rollout": {"id": r.id, "status": r.status, "reason": r.reason, "mode": mode,
                         "playbook": r.playbook_path, "inventory": r.inventory_path},
             "stages": [{"name": s.name, "status": s.status, "gate": s.gate} for s in db.stages()],
             "hosts": [{"name": h.name, "stage": h.stage_idx, "state": h.state, "error": h.error,
@@ -227,7 +301,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print(f"rollout {r.id}: {r.status}" + (f" ({r.reason})" if r.reason else ""))
+        print(f"rollout {r.id}: {r.status}" + (f" ({r.reason})" if r.reason else "")
+              + (" [dry run]" if mode == "dry-run" else ""))
         for s in data["stages"]:
             print(f"  stage {s['name']}: {s['status']}")
         for h in data["hosts"]:
@@ -253,7 +328,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_abort(args: argparse.Namespace) -> int:
     """Abort a rollout: no host is kexec'd after this; hosts already past kexec finish."""
     db = _open_db(args)
-    if db.rollout().status in ("completed", "aborted", "rolled_back"):
+    if db.rollout().final:
         raise CliError(f"rollout {db.rollout().id} is already {db.rollout().status}")
     db.set_status("aborted", args.reason or "aborted by operator")
     db.log("aborted", args.reason or "by operator")
@@ -266,13 +341,13 @@ def cmd_sim_fleet(args: argparse.Namespace) -> int:
     """Power the inventory's digital-twin hosts on (up), off (down), or show them (status)."""
     from dataclasses import asdict
 
-    from .inventory import InventoryError, load_inventory
+    from .inventory import load_inventory
     from .sim.fleet import fleet_down, fleet_up, twin_status
     from .sim.twinkernel import TwinError
-    try:
-        inv = load_inventory(args.inventory)
-    except InventoryError as e:
-        raise CliError(str(e)) from None
+    from .rollout import DEFAULT_SIM_DIR
+    args.sim_dir = args.sim_dir or DEFAULT_SIM_DIR
+    check_dir_option("--sim-dir", args.sim_dir)
+    inv = load_inventory(args.inventory)
     try:
         if args.sim_command == "up":
             out = fleet_up(inv, args.sim_dir)
@@ -298,6 +373,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
         return run(args)
     except LabCliError as e:
         raise CliError(str(e)) from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")).strip() or type(e).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     dirs.add_argument("--rollouts-dir", default="rollouts", metavar="DIR",
                       help="rollout state (one SQLite file per rollout)")
     dirs.add_argument("--reports-dir", default="reports", metavar="DIR")
-    dirs.add_argument("--sim-dir", default=".sim", metavar="DIR", help="twin hosts' state")
+    dirs.add_argument("--sim-dir", default=None, metavar="DIR",
+                      help="twin hosts' state (default .sim; a resumed rollout keeps its own)")
     dirs.add_argument("--json", action="store_true")
 
     for name, func in (("rollout", cmd_rollout), ("preflight", cmd_preflight)):
@@ -338,10 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rollout":
             ro.add_argument("--resume", metavar="ID", help="resume a halted or crashed rollout")
             ro.add_argument("--dry-run", action="store_true", help="preflight only")
-        ro.add_argument("--metrics-port", type=_int, metavar="PORT",
+        ro.add_argument("--metrics-port", type=_port, metavar="PORT",
                         help="serve Prometheus metrics while running")
         ro.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR")
-        ro.add_argument("--pushgateway", metavar="URL", help="push the metrics here at the end")
+        ro.add_argument("--pushgateway", type=_url, metavar="URL",
+                        help="push the metrics here at the end")
         ro.set_defaults(func=func)
     for name, func in (("status", cmd_status), ("report", cmd_report), ("abort", cmd_abort)):
         sp = sub.add_parser(name, parents=[dirs], help=func.__doc__.splitlines()[0],
@@ -359,11 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
         sf.set_defaults(func=cmd_sim_fleet)
     sh = sim.add_parser("handover", help=cmd_sim_handover.__doc__.splitlines()[0],
                         description=cmd_sim_handover.__doc__)
-    sh.add_argument("--fault", metavar="NAME", help="inject a fault (kexec-load-fails, "
-                    "never-returns, slow-boot, bitflip, lost-page, abi-mismatch, "
-                    "kill-agent-before-finish, abi-mismatch-image)")
+    sh.add_argument("--fault", metavar="NAME",
+                    help=f"inject a fault ({', '.join(ALL_FAULTS)})")
     sh.add_argument("--workload-mib", type=_int, default=64, metavar="N")
-    sh.add_argument("--boot-timeout", type=float, default=30.0, metavar="SECONDS")
+    sh.add_argument("--boot-timeout", type=_seconds, default=30.0, metavar="SECONDS")
     sh.add_argument("--workdir", metavar="DIR", help="keep the twin host here")
     sh.add_argument("--keep", action="store_true", help="keep the temporary twin host")
     sh.add_argument("--json", action="store_true")
@@ -380,9 +460,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except CliError as e:
-        print(f"kho-fleet: error: {e}", file=sys.stderr)
-        return e.code
+    except Bug as e:
+        if os.environ.get("KHO_FLEET_DEBUG"):
+            raise
+        print(f"kho-fleet: internal error (a bug, please report it): {type(e).__name__}: "
+              f"{_one_line(e)} (set KHO_FLEET_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    except KhoFleetError as e:
+        print(f"kho-fleet: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("kho-fleet: interrupted", file=sys.stderr)
         return 130
@@ -391,9 +477,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # noqa: BLE001 - last resort: one line, never a traceback
         if os.environ.get("KHO_FLEET_DEBUG"):
             raise
-        print(f"kho-fleet: internal error: {type(e).__name__}: {e} "
+        print(f"kho-fleet: internal error (a bug, please report it): {type(e).__name__}: "
+              f"{_one_line(e)} "
               "(set KHO_FLEET_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 1
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

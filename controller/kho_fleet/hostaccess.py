@@ -1,15 +1,14 @@
 """One inventory host as the rollout engine sees it: push files, run agent steps, and tell
 which boot the host is in -- over SSH for real hosts, locally for digital twins.
 
-The engine never branches on the kind of host; only this module (and sim/fleet.py for
-powering twins on) knows the difference.
+The engine never branches on the kind of host: `host_access` chooses the kind once (the
+seam), and each kind's differences live in its own HostAccess (a twin's in sim/access.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -17,7 +16,7 @@ from typing import Any, Callable, Optional
 from .inventory import Host
 from .transport import HostUnreachable, LocalTransport, Transport, TransportError
 
-__all__ = ["AgentCall", "HostAccess", "host_access"]
+__all__ = ["AccessOptions", "AgentCall", "HostAccess", "host_access"]
 
 
 @dataclass
@@ -44,27 +43,36 @@ class AgentCall:
         return self.stderr.strip().splitlines()[-1] if self.stderr.strip() else f"exit {self.rc}"
 
 
-class HostAccess:
-    """A transport, the agent's directory on the host, and agent invocation.
+@dataclass(frozen=True)
+class AccessOptions:
+    """Settings of the host kinds, opaque to the engines (they pass them through)."""
 
-    With `twin_root`, the "host" is a digital twin reached through that transport (a sim
-    host locally, or a twin behind an sshd in the SSH tests): the agent gets
-    $KHO_AGENT_TWIN and boots are read from the twin's state file instead of boot_id.
+    sim_dir: str = ".sim"           # where sim hosts' twins live (unless kho_twin_root)
+    ssh_timeout: float = 30.0       # seconds to connect over SSH
+
+
+class HostAccess:
+    """A transport, the agent's directory on the host, agent invocation, and boots.
+
+    This base class is a real host: boots are the kernel's boot_id, read over the
+    transport. Other kinds of host (a digital twin) subclass it; `host_access` picks.
     """
 
-    def __init__(self, host: Host, transport: Transport, *, twin_root: Optional[str] = None,
+    def __init__(self, host: Host, transport: Transport, *,
                  reconnect: Optional[Callable[[], Transport]] = None) -> None:
         self.host = host
         self.name = host.name
         self.t = transport
-        self.twin_root = twin_root
         self._reconnect = reconnect
         self.agent_dir = host.agent_dir
         self.pyz: Optional[str] = None
 
     @property
     def kind(self) -> str:
-        return ("sim" if isinstance(self.t, LocalTransport) else "ssh") if self.twin_root else self.t.kind
+        return self.t.kind
+
+    def prepare(self, power_on: bool) -> None:
+        """Make the host reachable before connecting (nothing to do for a real host)."""
 
     # --- files ---------------------------------------------------------------------------
     def push(self, local: str) -> str:
@@ -76,21 +84,19 @@ class HostAccess:
         return self.pyz
 
     # --- agent ----------------------------------------------------------------------------
+    def agent_env(self) -> dict[str, str]:
+        """The environment of the agent's runs (the inventory's kho_agent_env)."""
+        return dict(self.host.agent_env or {})
+
     def _argv(self, step: str, args: tuple[str, ...]) -> list[str]:
         assert self.pyz is not None, "push_agent() first"
-        argv = [self.host.python, self.pyz, step, "--json",
+        return [self.host.python, self.pyz, step, "--json",
                 "--state-dir", os.path.join(self.agent_dir, "state"), *args]
-        if isinstance(self.t, LocalTransport) and self.t.root is not None:
-            # a sim host: this machine's python; host paths live under the twin's root
-            argv = [sys.executable] + [self.t.path(a) if a.startswith("/") else a for a in argv[1:]]
-        return argv
 
     def agent(self, step: str, *args: str, timeout: float = 300.0) -> AgentCall:
         """Run one agent step; HostUnreachable propagates (the host may be kexec'ing)."""
         t0 = time.monotonic()
-        env = dict(self.host.agent_env or {})          # inventory kho_agent_env
-        if self.twin_root:
-            env["KHO_AGENT_TWIN"] = self.twin_root
+        env = self.agent_env()
         r = self.t.run(self._argv(step, args), env=env or None, timeout=timeout)
         try:
             data = json.loads(r.stdout) if r.stdout.strip() else None
@@ -99,50 +105,19 @@ class HostAccess:
         return AgentCall(step, r.rc, data, r.stderr.strip(), time.monotonic() - t0)
 
     # --- boots ----------------------------------------------------------------------------
-    def _twin_state(self) -> dict:
-        assert self.twin_root is not None
-        r = self.t.run(["cat", os.path.join(self.twin_root, "twin.state")], timeout=15)
-        try:
-            return json.loads(r.stdout) if r.rc == 0 else {}
-        except ValueError:
-            return {}
-
     def boot_marker(self) -> str:
         """Something that changes with every boot, kexec included."""
-        if self.twin_root is None:
-            return self.t.boot_id()
-        st = self._twin_state()
-        if st.get("state") != "up":
-            raise HostUnreachable(self.name, "boot marker", f"twin is {st.get('state', 'not running')}")
-        return f"twin-boot-{st.get('boot_count')}"
+        return self.t.boot_id()
 
     def wait_back(self, old_marker: Optional[str], timeout: float) -> float:
         """Seconds until the host answers from a boot other than `old_marker`."""
-        if self.twin_root is None:
-            from .transport.ssh import wait_for_ssh
-            assert self._reconnect is not None
-            self.t.close()
-            secs = wait_for_ssh(self._reconnect, timeout, interval=1.0,
-                                previous_boot_id=old_marker)
-            self.t = self._reconnect()
-            self.t.connect()
-            return secs
-        t0 = time.monotonic()
-        state = "?"
-        while time.monotonic() - t0 < timeout:
-            try:
-                st = self._twin_state()
-            except HostUnreachable:            # the connection dropped: reconnect and retry
-                st = {}
-                self._fresh_transport()
-            state = st.get("state", "?")
-            if state == "up" and f"twin-boot-{st.get('boot_count')}" != old_marker:
-                return time.monotonic() - t0
-            if state == "off":
-                break
-            time.sleep(0.05 if isinstance(self.t, LocalTransport) else 0.5)
-        raise HostUnreachable(self.name, "wait for boot", f"did not come back within "
-                              f"{timeout:.0f}s (twin state {state})")
+        from .transport.ssh import wait_for_ssh
+        assert self._reconnect is not None
+        self.t.close()
+        secs = wait_for_ssh(self._reconnect, timeout, interval=1.0, previous_boot_id=old_marker)
+        self.t = self._reconnect()
+        self.t.connect()
+        return secs
 
     def _fresh_transport(self) -> None:
         if self._reconnect is not None:
@@ -158,21 +133,18 @@ class HostAccess:
         self.t.close()
 
 
-def host_access(host: Host, *, twin_root: Optional[str] = None,
-                ssh_timeout: float = 30.0) -> HostAccess:
-    """The access for `host`: a sim host (a twin, locally), SSH (a real host, or a twin
-    when kho_twin_root is set), or `local` (this machine)."""
-    root = twin_root or host.twin_root
-    if host.transport == "sim":
-        if root is None:
-            raise TransportError(host.name, "connect", "sim host without a twin root")
-        return HostAccess(host, LocalTransport(host.name, root=root), twin_root=root)
-    if host.transport == "local":
-        return HostAccess(host, LocalTransport(host.name), twin_root=root)
+def host_access(host: Host, opts: AccessOptions = AccessOptions()) -> HostAccess:
+    """The access for `host`, chosen once by its inventory vars: a digital twin (a sim host,
+    or kho_twin_root behind SSH or locally), SSH (a real host) or `local` (this machine)."""
     from .transport.ssh import SSHTransport
 
     def make() -> Transport:
         return SSHTransport.from_hostvars(
             host.name, host.vars, trust_on_first_use=host.ssh_trust == "tofu",
-            known_hosts=host.ssh_known_hosts, connect_timeout=ssh_timeout)
-    return HostAccess(host, make(), twin_root=root, reconnect=make)
+            known_hosts=host.ssh_known_hosts, connect_timeout=opts.ssh_timeout)
+    if host.transport == "sim" or host.twin_root is not None:
+        from .sim.access import twin_access
+        return twin_access(host, opts, make if host.transport == "ssh" else None)
+    if host.transport == "local":
+        return HostAccess(host, LocalTransport(host.name))
+    return HostAccess(host, make(), reconnect=make)

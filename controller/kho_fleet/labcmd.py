@@ -17,6 +17,8 @@ imported only when a lab command runs: the rest of the CLI does not depend on it
 
 from __future__ import annotations
 
+from .errors import InputError
+
 import argparse
 import json
 import os
@@ -28,7 +30,7 @@ from typing import Any, Callable, List, Optional
 __all__ = ["LabCliError", "add_lab_parser", "run"]
 
 
-class LabCliError(Exception):
+class LabCliError(InputError):
     """A lab command failed: one line for the user, exit code 2."""
 
 

@@ -7,6 +7,8 @@ to a Pushgateway under the grouping key {rollout_id} (`push`).
 
 from __future__ import annotations
 
+from .errors import InputError
+
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -24,7 +26,7 @@ DOWNTIME_BUCKETS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 6
 HANDOVER_RESULTS = ("success", "failed", "aborted")
 
 
-class MetricsError(RuntimeError):
+class MetricsError(InputError, RuntimeError):
     """The exporter could not be served or pushed (one line, naming the address)."""
 
 

@@ -9,6 +9,8 @@ a host twice: a host found past that point is reconnected and verified.
 
 from __future__ import annotations
 
+from .errors import InputError, KhoFleetError
+
 import json
 import os
 import threading
@@ -17,31 +19,68 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .agentbuild import build_agent
+from . import lifecycle
+from .artifacts import Artifacts, build_artifacts
 from .fleetreport import percentile
-from .hostaccess import AgentCall, HostAccess, host_access
+from .hostaccess import AccessOptions, AgentCall, HostAccess, host_access
 from .inventory import Inventory, load_inventory
 from .playbook import Gate, Playbook, load_playbook
 from .statedb import StateDB
 from .transport import HostUnreachable, TransportError
 
-__all__ = ["RolloutError", "RolloutOptions", "Rollout", "judge_gate"]
+__all__ = ["RolloutError", "RolloutFinished", "RolloutOptions", "DEFAULT_SIM_DIR", "Rollout", "judge_gate"]
 
 Progress = Callable[[str, str, str], None]      # (host, state, detail)
 
 
-class RolloutError(Exception):
+class RolloutError(InputError):
     """A rollout that cannot start or resume; the message is one line."""
+
+
+class RolloutFinished(RolloutError):
+    """`--resume` of a rollout that already ended: nothing to do (not a failure)."""
+
+
+DEFAULT_SIM_DIR = ".sim"
+MODES = ("real", "dry-run")
 
 
 @dataclass
 class RolloutOptions:
+    """How to run a rollout. `dry_run` and `sim_dir` change what happens to hosts, so they are
+    recorded in the rollout's state at creation and a resume keeps them (`recorded`/`adopt`);
+    `sim_dir` None means "the default" (or, on resume, the recorded one)."""
+
     rollouts_dir: str = "rollouts"
     reports_dir: str = "reports"
-    sim_dir: str = ".sim"
+    sim_dir: Optional[str] = None
     dry_run: bool = False
     progress: Optional[Progress] = None
     metrics: Any = None                  # metrics.RolloutMetrics, or None
+
+    def recorded(self) -> dict[str, Any]:
+        """The options a new rollout records (JSON)."""
+        return {"mode": "dry-run" if self.dry_run else "real",
+                "sim_dir": os.path.abspath(self.sim_dir or DEFAULT_SIM_DIR)}
+
+    def adopt(self, rollout_id: str, recorded: Optional[dict]) -> None:
+        """Take a resumed rollout's recorded options; refuse asks that would change them."""
+        if not recorded or recorded.get("mode") not in MODES:
+            raise RolloutError(f"rollout {rollout_id}: its state does not record whether it is "
+                               "a dry run (made by an older kho-fleet): it cannot be resumed; "
+                               "start a new rollout")
+        dry = recorded["mode"] == "dry-run"
+        if self.dry_run and not dry:
+            raise RolloutError(f"rollout {rollout_id} is a real rollout: --dry-run cannot be "
+                               "combined with --resume of it (a dry run is a new rollout)")
+        sim_dir = recorded.get("sim_dir")
+        if (self.sim_dir is not None and isinstance(sim_dir, str)
+                and os.path.abspath(self.sim_dir) != sim_dir):
+            raise RolloutError(f"rollout {rollout_id}: --sim-dir {self.sim_dir} differs from the "
+                               f"recorded {sim_dir}; resume without --sim-dir")
+        self.dry_run = dry
+        if isinstance(sim_dir, str):
+            self.sim_dir = sim_dir
 
 
 def judge_gate(gate: Gate, results: list[dict]) -> dict:
@@ -71,11 +110,20 @@ def judge_gate(gate: Gate, results: list[dict]) -> dict:
                 f"{k} wants {criteria[k]['want']}, got {criteria[k]['got']}" for k in failing)}
 
 
-class HostFailed(Exception):
+class HostFailed(KhoFleetError):
     def __init__(self, phase: str, reason: str, report: Optional[dict] = None) -> None:
         super().__init__(reason)
         self.phase = phase
         self.report = report
+
+
+@dataclass
+class _HostRun:
+    """What one drive of a host carries between its steps."""
+
+    marker: Optional[str] = None            # the boot marker before the kexec
+    values: Optional[dict[str, Any]] = None  # the agent steps' named arguments (pushed files)
+    report: Optional[dict] = None
 
 
 class Rollout:
@@ -90,7 +138,7 @@ class Rollout:
         self.id = db.rollout().id
         self.dir = os.path.dirname(db.path)
         self.reports = os.path.join(opts.reports_dir, self.id)
-        self._artifacts: Optional[dict[str, str]] = None
+        self._artifacts: Optional[Artifacts] = None
         self._lock = threading.Lock()
         self.metrics = opts.metrics
         self._counted = 0.0
@@ -103,22 +151,31 @@ class Rollout:
         pb = load_playbook(playbook_path)
         stages = pb.assign_hosts(inv)
         pb.target.check_files()
+        if opts.sim_dir is None:
+            opts.sim_dir = DEFAULT_SIM_DIR
         db = StateDB.create(opts.rollouts_dir, playbook_path=pb.path, inventory_path=inv.path,
-                            stages=[(s.name, hosts) for s, hosts in zip(pb.stages, stages)])
+                            stages=[(s.name, hosts) for s, hosts in zip(pb.stages, stages)],
+                            options=opts.recorded())
         db.log("created", f"playbook {pb.path}, inventory {inv.path}"
                + (" (dry run)" if opts.dry_run else ""))
         return cls(db, pb, inv, opts)
 
     @classmethod
     def resume(cls, rollout_id: str, opts: RolloutOptions) -> "Rollout":
-        """Reopen a rollout; its playbook and inventory must be unchanged."""
+        """Reopen a rollout in its recorded mode; its playbook and inventory must be unchanged.
+
+        RolloutFinished when it already ended; RolloutError when it cannot be resumed as asked
+        (a dry run never becomes a real rollout: that is a new `rollout`)."""
         path = os.path.join(opts.rollouts_dir, rollout_id)
         if not os.path.exists(os.path.join(path, "state.db")):
             raise RolloutError(f"no rollout {rollout_id!r} in {opts.rollouts_dir}")
         db = StateDB.open(path)
         row = db.rollout()
-        if row.status in ("completed", "aborted", "rolled_back"):
-            raise RolloutError(f"rollout {rollout_id} is {row.status}: nothing to resume")
+        if row.final:
+            raise RolloutFinished(f"rollout {rollout_id} is already {row.status}"
+                                  + (f" ({row.reason})" if row.reason else "")
+                                  + ": nothing to resume")
+        opts.adopt(rollout_id, row.options)
         inv = load_inventory(row.inventory_path)
         pb = load_playbook(row.playbook_path)
         for what, got, want in (("playbook", pb.sha256, row.playbook_sha256),
@@ -128,42 +185,22 @@ class Rollout:
                                    f"({row.playbook_path if what == 'playbook' else row.inventory_path})")
         if row.status == "halted":
             db.set_status("running", "resumed")
-        db.log("resumed")
+        db.log("resumed", "dry run" if opts.dry_run else None)
         return cls(db, pb, inv, opts)
 
     # --- artifacts ------------------------------------------------------------------------
-    def artifacts(self) -> dict[str, str]:
+    def artifacts(self) -> Artifacts:
         """The agent zipapp, the kernel (and initrd) and the workload spec, built once."""
         with self._lock:
             if self._artifacts is None:
-                art = os.path.join(self.dir, "artifacts")
-                os.makedirs(art, exist_ok=True)
-                a: dict[str, str] = {"agent": build_agent(os.path.join(art, "kho-agent.pyz"))[0]}
-                t = self.pb.target
-                if t.is_twin:
-                    from .sim.kernelimage import make_kernel_image
-                    a["kernel"] = make_kernel_image(
-                        os.path.join(art, f"bzImage-{t.twin_release}"), t.twin_release or "")
-                else:
-                    a["kernel"] = t.kernel
-                if t.initrd:
-                    a["initrd"] = t.initrd
-                spec = os.path.join(art, "workloads.json")
-                with open(spec, "w") as f:
-                    json.dump(self.pb.workloads.to_json(), f, indent=1)
-                a["spec"] = spec
-                self._artifacts = a
+                self._artifacts = build_artifacts(self.pb, os.path.join(self.dir, "artifacts"))
             return self._artifacts
 
     def _access(self, name: str) -> HostAccess:
-        host = self.inv.hosts[name]
-        root = None
-        if host.transport == "sim":
-            from .sim.fleet import ensure_twin, twin_root
-            root = twin_root(host, self.opts.sim_dir)
-            if self.db.resume_action(name) == "run":
-                ensure_twin(host, self.opts.sim_dir)
-        return host_access(host, twin_root=root, ssh_timeout=self.pb.timeouts.ssh_s)
+        acc = host_access(self.inv.hosts[name], AccessOptions(
+            sim_dir=self.opts.sim_dir or DEFAULT_SIM_DIR, ssh_timeout=self.pb.timeouts.ssh_s))
+        acc.prepare(power_on=self.db.resume_action(name) == "run")
+        return acc
 
     # --- reporting hooks ------------------------------------------------------------------
     def _note(self, host: str, state: str, detail: str = "") -> None:
@@ -187,104 +224,106 @@ class Rollout:
         self.db.log(f"agent {step}", f"rc {call.rc} in {call.seconds:.2f}s"
                     + (f": {call.reason}" if call.rc else ""), host=acc.name)
         if call.rc != 0:
-            raise HostFailed(step, call.reason, call.json if step in ("verify", "report") else None)
+            keeps = step in lifecycle.STEP_NAMES and lifecycle.step(step).report_on_failure
+            raise HostFailed(step, call.reason, call.json if keeps else None)
         return call
 
     def run_host(self, name: str) -> None:
-        """Drive one host as far as its state allows; failures end in state `failed`."""
+        """Drive one host through the lifecycle table as far as its state allows.
+
+        Each step of `lifecycle.LIFECYCLE` whose `runs_in` holds the host's state runs, and
+        its `to` state is committed after it; failures end in state `failed`. A host found
+        past the kexec is reconnected to and verified, never kexec'd again."""
         action = self.db.resume_action(name)
         if action in ("done", "failed"):
             return
         acc: Optional[HostAccess] = None
-        phase = "preflight"
+        current = lifecycle.LIFECYCLE[0]
+        run = _HostRun()
         try:
             acc = self._access(name)
             acc.t.connect()
-            art = self.artifacts()
-            acc.push_agent(art["agent"])
-            if action == "run":
-                # resume at the first step this host has not completed
-                kernel = acc.push(art["kernel"])
-                spec = acc.push(art["spec"])
-                initrd = acc.push(art["initrd"]) if "initrd" in art else None
-                st = self.db.host(name).state
-                if st == "pending":
-                    self._move(name, "preflight")
-                    st = "preflight"
-                if st == "preflight":
-                    phase = "preflight"
-                    self._step(acc, "preflight", "--kernel", kernel, "--spec", spec,
-                               "--page-size", str(self.inv.hosts[name].page_size),
-                               *(("--initrd", initrd) if initrd else ()))
-                    if self.opts.dry_run:
-                        self.db.log("dry run", "preflight passed", host=name)
-                        return
-                    if self._aborted():
-                        return
-                    phase = "stage"
-                    args = ["--kernel", kernel]
-                    if initrd:
-                        args += ["--initrd", initrd]
-                    if self.pb.target.sha256:
-                        args += ["--sha256", self.pb.target.sha256]
-                    if self.pb.target.cmdline is not None:
-                        args += ["--cmdline", self.pb.target.cmdline]
-                    self._step(acc, "stage", *args)
-                    self._move(name, "staged")
-                    st = "staged"
-                if st == "staged":
-                    phase = "preserve"
-                    self._step(acc, "preserve", "--spec", spec)
-                    self._move(name, "preserved")
-                    st = "preserved"
-                if st == "preserved":
-                    phase = "snapshot"
-                    self._step(acc, "snapshot")
-                    self._move(name, "snapshotted")
-                if self._aborted():
+            acc.push_agent(self.artifacts().agent)
+            if action == "reconnect_verify":
+                run.marker = self._last_marker(name)
+                self.db.log("reconnect", f"resuming after kexec (boot marker {run.marker})",
+                            host=name)
+            for current in lifecycle.steps_from(self.db.host(name).state):
+                if self.db.host(name).state not in current.runs_in:
+                    continue
+                if self.opts.dry_run and not current.in_dry_run:
+                    self.db.log("dry run", f"stopped before {current.name}", host=name)
                     return
-                phase = "kexec"
-                marker = acc.boot_marker()
-                self.db.log("boot_marker", marker, host=name)
-                self._move(name, "kexec_requested")           # committed before sending
-                t_last = time.time()
-                try:
-                    self._step(acc, "kexec", "--yes", timeout=self.pb.timeouts.ssh_s + 30)
-                except HostUnreachable as e:                   # dropped mid-kexec: it may be gone
-                    self.db.log("kexec connection dropped", str(e), host=name)
-                self._move(name, "kexec_sent", last_contact=t_last, kexec_started_at=t_last)
-            else:
-                marker = self._last_marker(name)
-                self.db.log("reconnect", f"resuming after kexec (boot marker {marker})", host=name)
-            phase = "boot"
-            timeout = self.inv.hosts[name].boot_timeout or self.pb.timeouts.boot_s
-            state = self.db.host(name).state
-            if state in ("kexec_requested", "kexec_sent", "down"):
-                try:
-                    acc.wait_back(marker, timeout)
-                except HostUnreachable:
-                    raise HostFailed("boot", f"host did not come back within {timeout:.0f}s "
-                                             "after kexec") from None
-                self._move(name, "up", back_at=time.time())
-            phase = "verify"
-            if self.db.host(name).state == "up":
-                try:
-                    self._step(acc, "verify", timeout=self.pb.timeouts.verify_s)
-                except HostFailed as e:
-                    if e.report is None:
-                        raise
-                    # the agent verified and found a problem: its report says which
-                    self._finish(name, acc, e.report)
+                if current.abort_point and self._aborted():
                     return
-                self._move(name, "verified")
-            self._finish(name, acc, None)
+                fields = self._perform(name, acc, current, run)
+                if fields is None:
+                    return                                  # finished: the report is written
+                if current.to is not None:
+                    self._move(name, current.to, **fields)
         except HostFailed as e:
             self._fail(name, e.phase, str(e), e.report)
         except (TransportError, OSError) as e:
-            self._fail(name, phase, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._fail(name, current.failure_phase,
+                       str(e).splitlines()[0] if str(e) else type(e).__name__)
         finally:
             if acc is not None:
                 acc.close()
+
+    def _values(self, name: str, acc: HostAccess) -> dict[str, Any]:
+        """The named arguments of the lifecycle's agent steps for `name` (pushed once)."""
+        art = self.artifacts()
+        t = self.pb.target
+        return {"kernel": acc.push(art.kernel), "spec": acc.push(art.spec),
+                "initrd": acc.push(art.initrd) if art.initrd else None,
+                "page_size": self.inv.hosts[name].page_size, "sha256": t.sha256,
+                "cmdline": t.cmdline}
+
+    def _timeout(self, name: str, which: str) -> float:
+        t = self.pb.timeouts
+        return {"step": 300.0, "kexec": t.ssh_s + 30, "verify": t.verify_s,
+                "boot": self.inv.hosts[name].boot_timeout or t.boot_s}[which]
+
+    def _perform(self, name: str, acc: HostAccess, s: lifecycle.Step,
+                 run: "_HostRun") -> Optional[dict[str, Any]]:
+        """Carry out one step; the fields for entering its `to` state, or None when the
+        host's handover is finished (reported or failed, report written)."""
+        if s.kind == "begin":
+            return {}
+        if s.kind == "wait_back":
+            timeout = self._timeout(name, "boot")
+            try:
+                acc.wait_back(run.marker, timeout)
+            except HostUnreachable:
+                raise HostFailed(s.failure_phase, f"host did not come back within {timeout:.0f}s "
+                                 "after kexec") from None
+            return {"back_at": time.time()}
+        if s.kind == "finish":
+            self._finish(name, acc, run.report)
+            return None
+        if s.args and run.values is None:
+            run.values = self._values(name, acc)
+        fields: dict[str, Any] = {}
+        if s.commit_first is not None:                     # the at-most-once step: commit first
+            run.marker = acc.boot_marker()
+            self.db.log("boot_marker", run.marker, host=name)
+            self._move(name, s.commit_first)
+            t_last = time.time()
+            fields = {"last_contact": t_last, "kexec_started_at": t_last}
+        try:
+            self._step(acc, s.name, *lifecycle.agent_argv(s, run.values or {}),
+                       timeout=self._timeout(name, s.timeout))
+        except HostUnreachable as e:
+            if not s.unreachable_ok:
+                raise
+            self.db.log(f"{s.name} connection dropped", str(e), host=name)
+        except HostFailed as e:
+            if s.report_on_failure and e.report is not None:
+                # the agent ran the step and found a problem: its report says which
+                self._finish(name, acc, e.report)
+                return None
+            raise
+        return fields
 
     def _finish(self, name: str, acc: HostAccess, verified: Optional[dict]) -> None:
         rep = self._step(acc, "report").json or verified or {}
@@ -347,61 +386,80 @@ class Rollout:
         return out
 
     def run(self) -> dict:
-        """Drive every stage; returns the fleet report."""
-        try:
-            self.artifacts()
-            if self.metrics is not None:
-                self.metrics.set_status("running")
-            for idx, stage in enumerate(self.pb.stages):
-                row = self.db.stages()[idx]
-                if row.status in ("passed", "failed", "skipped"):
-                    continue
-                if self._aborted():
-                    break
-                hosts = [h.name for h in self.db.hosts(stage=idx)]
-                if row.status != "paused":
-                    if row.status != "running":        # (running: resumed after a crash)
-                        self.db.set_stage(idx, "running")
-                    if self.metrics is not None:       # series exist (at 0) before a first failure
-                        for result in ("success", "failed", "aborted"):
-                            self.metrics["kho_fleet_handovers_total"].labels(
-                                result=result, stage=stage.name).inc(0)
-                    self._stage_note(idx, "running")
-                    with ThreadPoolExecutor(max_workers=max(1, stage.max_parallel)) as ex:
-                        list(ex.map(self.run_host, hosts))
-                    if self.opts.dry_run:
-                        self.db.set_stage(idx, "passed", {"dry_run": True})
-                        continue
-                    verdict = judge_gate(stage.gate, self._stage_results(idx))
-                    self.db.set_stage(idx, "passed" if verdict["ok"] else "failed", verdict)
-                    self._stage_note(idx, "passed" if verdict["ok"] else "failed")
-                    self.db.log("gate", f"stage {stage.name}: "
-                                + ("passed" if verdict["ok"] else verdict["reason"]))
-                    if not verdict["ok"]:
-                        if self.pb.on_failure == "halt":
-                            self._set_status("halted", f"stage {stage.name}: {verdict['reason']}")
-                            return self.write_reports()
-                        if self.pb.on_failure == "rollback":
-                            self.rollback(f"stage {stage.name}: {verdict['reason']}")
-                            return self.write_reports()
-                    last = idx == len(self.pb.stages) - 1
-                    if verdict["ok"] and stage.pause == "manual" and not last:
-                        self.db.set_stage(idx, "paused", verdict)
-                        self._set_status("halted", f"paused after stage {stage.name}: resume "
-                                         f"with kho-fleet rollout --resume {self.id}")
-                        return self.write_reports()
-                    if isinstance(stage.pause, (int, float)) and stage.pause > 0 and not last:
-                        time.sleep(float(stage.pause))
-                else:
-                    self.db.set_stage(idx, "passed", row.gate)   # the operator resumed
-            if self._aborted():
-                return self.write_reports()
-            self._set_status("completed", "dry run: preflight only" if self.opts.dry_run else None)
+        """Drive every stage; returns the fleet report.
+
+        A rollout never stays `running` after this returns or raises: an interruption or an
+        error halts it with the reason (resume with --resume), a finished one is left as is."""
+        if self.db.rollout().final:
             return self.write_reports()
+        try:
+            return self._run()
         except KeyboardInterrupt:
-            self._set_status("halted", "interrupted: resume with kho-fleet rollout --resume "
-                             + self.id)
+            self.halt("interrupted: resume with kho-fleet rollout --resume " + self.id)
             raise
+        except BaseException as e:
+            self.halt(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                       f" (resume with kho-fleet rollout --resume {self.id})")
+            raise
+
+    def halt(self, reason: str) -> None:
+        """Mark a running rollout halted (best effort: the state may be what failed)."""
+        try:
+            if self.db.rollout().status == "running":
+                self._set_status("halted", reason)
+        except Exception:       # noqa: BLE001 - the original error is what gets reported
+            pass
+
+    def _run(self) -> dict:
+        self.artifacts()
+        if self.metrics is not None:
+            self.metrics.set_status("running")
+        for idx, stage in enumerate(self.pb.stages):
+            row = self.db.stages()[idx]
+            if row.status in ("passed", "failed", "skipped"):
+                continue
+            if self._aborted():
+                break
+            hosts = [h.name for h in self.db.hosts(stage=idx)]
+            if row.status != "paused":
+                if row.status != "running":        # (running: resumed after a crash)
+                    self.db.set_stage(idx, "running")
+                if self.metrics is not None:       # series exist (at 0) before a first failure
+                    for result in ("success", "failed", "aborted"):
+                        self.metrics["kho_fleet_handovers_total"].labels(
+                            result=result, stage=stage.name).inc(0)
+                self._stage_note(idx, "running")
+                with ThreadPoolExecutor(max_workers=max(1, stage.max_parallel)) as ex:
+                    list(ex.map(self.run_host, hosts))
+                if self.opts.dry_run:
+                    self.db.set_stage(idx, "passed", {"dry_run": True})
+                    continue
+                verdict = judge_gate(stage.gate, self._stage_results(idx))
+                self.db.set_stage(idx, "passed" if verdict["ok"] else "failed", verdict)
+                self._stage_note(idx, "passed" if verdict["ok"] else "failed")
+                self.db.log("gate", f"stage {stage.name}: "
+                            + ("passed" if verdict["ok"] else verdict["reason"]))
+                if not verdict["ok"]:
+                    if self.pb.on_failure == "halt":
+                        self._set_status("halted", f"stage {stage.name}: {verdict['reason']}")
+                        return self.write_reports()
+                    if self.pb.on_failure == "rollback":
+                        self.rollback(f"stage {stage.name}: {verdict['reason']}")
+                        return self.write_reports()
+                last = idx == len(self.pb.stages) - 1
+                if verdict["ok"] and stage.pause == "manual" and not last:
+                    self.db.set_stage(idx, "paused", verdict)
+                    self._set_status("halted", f"paused after stage {stage.name}: resume "
+                                     f"with kho-fleet rollout --resume {self.id}")
+                    return self.write_reports()
+                if isinstance(stage.pause, (int, float)) and stage.pause > 0 and not last:
+                    time.sleep(float(stage.pause))
+            else:
+                self.db.set_stage(idx, "passed", row.gate)   # the operator resumed
+        if self._aborted():
+            return self.write_reports()
+        self._set_status("completed", "dry run: preflight only" if self.opts.dry_run else None)
+        return self.write_reports()
 
     def _stage_note(self, idx: int, status: str) -> None:
         if self.metrics is not None:
@@ -428,9 +486,9 @@ class Rollout:
             acc = self._access(name)
             try:
                 acc.t.connect()
-                acc.push_agent(self.artifacts()["agent"])
+                acc.push_agent(self.artifacts().agent)
                 image = f"/boot/vmlinuz-{release}"
-                spec = acc.push(self.artifacts()["spec"])
+                spec = acc.push(self.artifacts().spec)
                 for step, args in (("stage", ("--kernel", image)), ("preserve", ("--spec", spec)),
                                    ("snapshot", ())):
                     self._step(acc, step, *args)

@@ -29,6 +29,8 @@ Timestamps are Unix seconds (REAL).
 
 from __future__ import annotations
 
+from .errors import Bug, InputError
+
 import json
 import os
 import sqlite3
@@ -39,12 +41,15 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 from kho_agent.digest import sha256_file
 
+from . import lifecycle
+
 __all__ = ["StateError", "IllegalTransition", "HOST_STATES", "HAPPY_PATH", "ROLLOUT_STATUSES",
-           "STAGE_STATUSES", "TRANSITIONS", "RolloutRow", "StageRow", "HostRow", "Event",
+           "STAGE_STATUSES", "FINAL_STATUSES", "TRANSITIONS", "RolloutRow", "StageRow", "HostRow", "Event",
            "StateDB", "list_rollouts", "DB_NAME"]
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # 2: rollout.options (the mode and every option that changes hosts)
+_READABLE_VERSIONS = (1, 2)  # a version-1 rollout has no recorded options: it is never resumed
 
 HOST_STATES = ("pending", "preflight", "staged", "preserved", "snapshotted", "kexec_requested",
                "kexec_sent", "down", "up", "verified", "reported", "failed", "skipped")
@@ -68,7 +73,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 for _s in _LIVE:
     TRANSITIONS[_s] = TRANSITIONS[_s] | {"failed"}
-_PRE_KEXEC = ("pending", "preflight", "staged", "preserved", "snapshotted")
+_PRE_KEXEC = lifecycle.states_before_kexec()
+lifecycle.check_against(TRANSITIONS)     # the engines' step table and this machine agree
 _RESUME = {**{s: "run" for s in _PRE_KEXEC},
            **{s: "reconnect_verify" for s in ("kexec_requested", "kexec_sent", "down", "up",
                                               "verified")},
@@ -78,6 +84,7 @@ _CONTACT = ("preflight", "staged", "preserved", "snapshotted", "kexec_sent", "up
             "reported")
 
 ROLLOUT_STATUSES = ("running", "halted", "completed", "aborted", "rolled_back")
+FINAL_STATUSES = ("completed", "aborted", "rolled_back")
 _ROLLOUT_NEXT = {"running": {"halted", "completed", "aborted", "rolled_back"},
                  "halted": {"running", "aborted", "rolled_back"},
                  "completed": set(), "aborted": set(), "rolled_back": set()}
@@ -91,7 +98,7 @@ _SCHEMA = """
 CREATE TABLE rollout(
   id TEXT PRIMARY KEY, playbook_path TEXT NOT NULL, playbook_sha256 TEXT NOT NULL,
   inventory_path TEXT NOT NULL, inventory_sha256 TEXT NOT NULL, created REAL NOT NULL,
-  status TEXT NOT NULL, reason TEXT);
+  status TEXT NOT NULL, reason TEXT, options TEXT);
 CREATE TABLE stage(
   rollout TEXT NOT NULL REFERENCES rollout(id), idx INTEGER NOT NULL, name TEXT NOT NULL,
   status TEXT NOT NULL, gate TEXT, started_at REAL, finished_at REAL,
@@ -110,11 +117,11 @@ CREATE INDEX host_name ON host(name);
 _FIELDS = ("last_contact", "kexec_started_at", "back_at", "report", "error")
 
 
-class StateError(RuntimeError):
+class StateError(InputError, RuntimeError):
     """A state database that cannot be used as asked (missing, wrong version, unknown host)."""
 
 
-class IllegalTransition(StateError):
+class IllegalTransition(Bug, StateError):
     """A transition the state machine does not allow, e.g. pending -> verified."""
 
 
@@ -130,7 +137,13 @@ class RolloutRow:
     created: float
     status: str
     reason: Optional[str]
+    options: Optional[dict] = None   # recorded at creation (mode, ...); None: an older rollout
     path: str = ""            # the state.db file
+
+    @property
+    def final(self) -> bool:
+        """True once the rollout can no longer move (completed, aborted, rolled back)."""
+        return self.status in FINAL_STATUSES
 
 
 @dataclass(frozen=True)
@@ -216,21 +229,33 @@ class StateDB:
         # sleep-and-retry starves some of hundreds of threads (seen at max_parallel 500);
         # other processes still serialize through SQLite's lock and busy_timeout.
         self._write_lock = threading.Lock()
-        version = self._conn().execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise StateError(f"{self.path}: schema version {version}, this kho-fleet reads "
-                             f"{SCHEMA_VERSION}")
-        self.rollout_id: str = self._conn().execute("SELECT id FROM rollout").fetchone()[0]
+        try:
+            version = self._conn().execute("PRAGMA user_version").fetchone()[0]
+            if version not in _READABLE_VERSIONS:
+                raise StateError(f"{self.path}: schema version {version}, this kho-fleet reads "
+                                 + " and ".join(map(str, _READABLE_VERSIONS)))
+            row = self._conn().execute("SELECT id FROM rollout").fetchone()
+        except sqlite3.Error as e:
+            self.close()
+            raise StateError(f"{self.path}: not a usable kho-fleet state database ({e})") from None
+        if row is None or not isinstance(row[0], str):
+            self.close()
+            raise StateError(f"{self.path}: not a usable kho-fleet state database (no rollout row)")
+        self.version: int = version
+        self.rollout_id: str = row[0]
 
     # -- opening ------------------------------------------------------------------------
 
     @classmethod
     def create(cls, rollouts_dir: str, *, playbook_path: str, inventory_path: str,
                stages: Sequence[tuple[str, Sequence[str]]],
-               rollout_id: Optional[str] = None) -> "StateDB":
+               rollout_id: Optional[str] = None,
+               options: Optional[dict] = None) -> "StateDB":
         """A new rollout: `stages` is [(name, [host, ...]), ...]; every host starts pending.
 
-        The inputs' sha256s are recorded so a resume can refuse changed files.
+        The inputs' sha256s are recorded so a resume can refuse changed files, and so are
+        `options` (JSON: the mode and every option that changes what happens to hosts), so a
+        resume keeps them: a dry run stays a dry run.
         Example: StateDB.create("rollouts", playbook_path="playbooks/demo.yaml",
         inventory_path="inventory/sim.yaml", stages=[("canary", ["twin-a1"]), ...]).
         """
@@ -256,10 +281,10 @@ class StateDB:
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
             conn.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
-            conn.execute("INSERT INTO rollout VALUES (?,?,?,?,?,?,?,?)",
+            conn.execute("INSERT INTO rollout VALUES (?,?,?,?,?,?,?,?,?)",
                          (rid, os.path.abspath(playbook_path), sha256_file(playbook_path),
                           os.path.abspath(inventory_path), sha256_file(inventory_path), now,
-                          "running", None))
+                          "running", None, json.dumps(options or {}, sort_keys=True)))
             for idx, (name, hosts) in enumerate(stages):
                 conn.execute("INSERT INTO stage(rollout, idx, name, status) VALUES (?,?,?,?)",
                              (rid, idx, name, "pending"))
@@ -319,8 +344,14 @@ class StateDB:
 
     def rollout(self) -> RolloutRow:
         """The rollout row."""
-        r = self._conn().execute("SELECT * FROM rollout").fetchone()
-        return RolloutRow(**dict(r), path=self.path)
+        d = dict(self._conn().execute("SELECT * FROM rollout").fetchone())
+        try:
+            d["options"] = json.loads(d["options"]) if d.get("options") else None
+        except ValueError:
+            d["options"] = None
+        if not isinstance(d["options"], dict):
+            d["options"] = None
+        return RolloutRow(**d, path=self.path)
 
     def set_status(self, status: str, reason: Optional[str] = None) -> RolloutRow:
         """Move the rollout to `status` (running <-> halted; then a final status)."""

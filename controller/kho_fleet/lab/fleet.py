@@ -17,6 +17,8 @@ session, so Ctrl-C in the terminal that ran `lab up` does not take the guests do
 
 from __future__ import annotations
 
+from ..errors import KhoFleetError
+
 import json
 import os
 import shutil
@@ -44,7 +46,7 @@ PathLike = Union[str, Path]
 Note = Callable[[str], None]
 
 
-class LabError(RuntimeError):
+class LabError(KhoFleetError, RuntimeError):
     """A lab command that cannot be carried out; the message is one line."""
 
 

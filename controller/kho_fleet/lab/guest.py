@@ -22,6 +22,8 @@ SSH back ~12 s (the lab README measured ~30 s and 12-20 s with its own rootfs).
 
 from __future__ import annotations
 
+from ..errors import KhoFleetError
+
 import os
 import shlex
 import socket
@@ -40,7 +42,7 @@ GUEST_APPEND = ("root=/dev/vda rw console=ttyS0 net.ifnames=0 kho=on liveupdate=
 PathLike = Union[str, Path]
 
 
-class GuestError(RuntimeError):
+class GuestError(KhoFleetError, RuntimeError):
     """The guest did not boot, SSH failed, or a command could not be run."""
 
 

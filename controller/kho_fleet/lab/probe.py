@@ -5,6 +5,8 @@ The record format is documented at the top of kho-probe.c.
 
 from __future__ import annotations
 
+from ..errors import KhoFleetError
+
 import re
 import shutil
 import subprocess
@@ -20,7 +22,7 @@ ERROR_MARKER = "KHO-PROBE ERROR"
 _REC = re.compile(r"KHO-PROBE (\S+)(.*)$")
 
 
-class ProbeError(RuntimeError):
+class ProbeError(KhoFleetError, RuntimeError):
     """The probe could not be built, reported an error, or its output is inconsistent."""
 
 

@@ -4,6 +4,8 @@ dump guest memory over QMP (ELF, PT_LOAD p_paddr = guest physical) and shut down
 
 from __future__ import annotations
 
+from ..errors import KhoFleetError
+
 import os
 import re
 import shutil
@@ -22,7 +24,7 @@ DEFAULT_APPEND = "console=ttyS0 kho=on liveupdate=on panic=-1 rdinit=/init"
 DEFAULT_FAIL_PATTERNS = ("Kernel panic - not syncing",)
 
 
-class QemuError(RuntimeError):
+class QemuError(KhoFleetError, RuntimeError):
     """QEMU failed to start, exited early, timed out, or a QMP operation failed."""
 
 

@@ -5,6 +5,8 @@ Handles the greeting, capabilities negotiation, command/response matching by id 
 
 from __future__ import annotations
 
+from ..errors import KhoFleetError
+
 import itertools
 import json
 import socket
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 
-class QMPError(RuntimeError):
+class QMPError(KhoFleetError, RuntimeError):
     """A QMP command failed, timed out, or the connection broke."""
 
 

@@ -15,6 +15,8 @@ never written. Builds take a lock in the cache dir, and results appear by atomic
 
 from __future__ import annotations
 
+from ..errors import KhoFleetError
+
 import fcntl
 import glob
 import hashlib
@@ -43,7 +45,7 @@ _RECIPE_VERSION = 1
 PathLike = Union[str, Path]
 
 
-class RootfsError(RuntimeError):
+class RootfsError(KhoFleetError, RuntimeError):
     """The root filesystem could not be built; the message is one line naming the step."""
 
 

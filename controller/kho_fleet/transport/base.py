@@ -23,6 +23,8 @@ Errors are one line, name the host and the operation, and never carry secrets
 
 from __future__ import annotations
 
+from ..errors import KhoFleetError
+
 import abc
 import logging
 import os
@@ -83,7 +85,7 @@ def _one_line(text: str, limit: int = _MAX_DETAIL) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class TransportError(Exception):
+class TransportError(KhoFleetError):
     """A transport operation failed. `str(e)` is one line: "<host>: <op>: <detail>"."""
 
     def __init__(self, host: str, op: str, detail: str) -> None:
