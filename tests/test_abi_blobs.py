@@ -12,16 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kho_agent.abi import luo as luo_abi
-from kho_agent.abi.block import (HEADER, KHO_MAX_BLOCKS, per_block, read_block_chain,
-                                 write_block_chain)
+from kho_agent.abi.block import HEADER, KHO_MAX_BLOCKS, per_block, read_block_chain
+from kho_agent.abi.encode import luo as luo_enc
+from kho_agent.abi.encode.block import write_block_chain
+from kho_agent.abi.encode.memfd import encode_memfd_ser, write_memfd
+from kho_agent.abi.encode.metadata import encode_metadata
+from kho_agent.abi.encode.vmalloc import write_vmalloc
 from kho_agent.abi.memfd import (FOLIO_DIRTY, FOLIO_UPTODATE, MEMFD_SER_SIZE, MemfdFolio,
-                                 decode_memfd_ser, encode_memfd_ser, folio_pfns, read_memfd,
-                                 write_memfd)
+                                 decode_memfd_ser, folio_pfns, read_memfd)
 from kho_agent.abi.memory import MemoryReadError, SparseMemory
-from kho_agent.abi.metadata import (METADATA, MetadataError, decode_metadata,
-                                    encode_metadata)
-from kho_agent.abi.vmalloc import (VMALLOC_ALLOC, KhoVmalloc, read_vmalloc,
-                                   read_vmalloc_pages, write_vmalloc)
+from kho_agent.abi.metadata import METADATA, MetadataError, decode_metadata
+from kho_agent.abi.vmalloc import VMALLOC_ALLOC, KhoVmalloc, read_vmalloc, read_vmalloc_pages
 
 PS = 4096
 
@@ -274,14 +275,14 @@ def _luo_image(nsessions=2, nfiles=3, ps=PS):
     mem = SparseMemory(2048 * ps, ps)
     sessions = []
     for s in range(nsessions):
-        spec = luo_abi.SessionSpec(f"session-{s}")
+        spec = luo_enc.SessionSpec(f"session-{s}")
         for f in range(nfiles):
             folios = [MemfdFolio(10 + f, FOLIO_UPTODATE, 0)]
             ser_pa, _ = write_memfd(ps, folios, ps, mem.alloc_page, mem.write)
-            spec.files.append(luo_abi.FileSpec("memfd-v2", 1000 * s + f, ser_pa))
-        spec.files.append(luo_abi.FileSpec("other-handler-v1", 99, 0xdead000))
+            spec.files.append(luo_enc.FileSpec("memfd-v2", 1000 * s + f, ser_pa))
+        spec.files.append(luo_enc.FileSpec("other-handler-v1", 99, 0xdead000))
         sessions.append(spec)
-    luo_pa, pages = luo_abi.write_luo(sessions, 7, ps, mem.alloc_page, mem.write)
+    luo_pa, pages = luo_enc.write_luo(sessions, 7, ps, mem.alloc_page, mem.write)
     return mem, luo_pa, sessions
 
 

@@ -10,9 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kho_agent.abi.fdt import (FDT_MAGIC, Fdt, FdtError, FdtNode, FdtProperty, build_fdt,
-                               parse_fdt, parse_header)
-from kho_agent.abi.kho import KhoFdtError, KhoSubtree, decode_kho_fdt, encode_kho_fdt
+from kho_agent.abi.encode.fdt import build_fdt
+from kho_agent.abi.encode.kho import encode_kho_fdt
+from kho_agent.abi.fdt import (FDT_MAGIC, Fdt, FdtError, FdtNode, FdtProperty, parse_fdt,
+                               parse_header)
+from kho_agent.abi.kho import KhoFdtError, KhoSubtree, decode_kho_fdt
 from kho_agent.abi.versions import UnsupportedAbi
 
 try:

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kho_agent.abi.encode.radix import RadixBuilder, coalesce, encode_key, split_pages
 from kho_agent.abi.memory import MemoryReadError, SparseMemory
-from kho_agent.abi.radix import (RadixBuilder, coalesce, decode_key, encode_key, geometry,
-                                 split_pages, walk_radix)
+from kho_agent.abi.radix import decode_key, geometry, walk_radix
 from kho_agent.abi.versions import (KHO_VERSIONS, PAGE_SIZES, UnsupportedAbi, kho_abi,
                                     page_shift)
 

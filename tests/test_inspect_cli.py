@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import imagegen
-from kho_agent.abi.radix import coalesce
+from kho_agent.abi.encode.radix import coalesce
 from kho_agent.inspect import SCHEMA, InspectError, inspect_memory
 from kho_agent.physmem import open_memory
 from kho_fleet.cli import main
@@ -230,7 +230,7 @@ def test_fdt_file_truncated_without_copy(capsys, tmp_path):
 
 def test_stale_fdt_copy_loses_to_intact_one(capsys, tmp_path):
     img = Image(tmp_path, 4096)
-    from kho_agent.abi.kho import encode_kho_fdt
+    from kho_agent.abi.encode.kho import encode_kho_fdt
     stale = img.mem.base + 200 * 4096                  # an unused page
     img.mem.write(stale, encode_kho_fdt("kho-v4", stale + 4096 * 3))
     img.mem.write(stale + 4096 * 3, b"\x01" * 4096)    # its "tree root" is garbage
@@ -266,7 +266,8 @@ def test_luo_blob_gone(capsys, tmp_path):
 def test_absurd_blob_sizes_do_not_become_reads(capsys, tmp_path):
     """blob-size is untrusted (the FDT may be garbage in the new kernel): the kernel reads
     only sizeof(struct) after checking blob-size >= sizeof, so must inspect."""
-    from kho_agent.abi.kho import KhoSubtree, encode_kho_fdt
+    from kho_agent.abi.encode.kho import encode_kho_fdt
+    from kho_agent.abi.kho import KhoSubtree
     img = Image(tmp_path, 4096)
     f = img.facts
     fdt = encode_kho_fdt("kho-v4", f["radix_root"], [

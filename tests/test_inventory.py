@@ -278,7 +278,9 @@ def test_yaml_anchors_and_merge_keys(tmp_path) -> None:
 
 @pytest.mark.parametrize("name", ["sim", "lab", "example-hardware"])
 def test_sample_inventories_load(name: str) -> None:
-    inv = load_inventory(os.path.join(REPO, "inventory", f"{name}.yaml"))
+    # example-hardware names a key file of another machine: its local files are not checked
+    inv = load_inventory(os.path.join(REPO, "inventory", f"{name}.yaml"),
+                         check_files=name != "example-hardware")
     assert inv.warnings == []
     if name == "sim":
         assert inv.groups["rack-a"] == ["twin-a1", "twin-a2", "twin-a3", "twin-a4"]

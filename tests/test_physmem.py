@@ -284,7 +284,8 @@ def test_fdt_scan_survives_an_unreadable_page_in_its_chunk(tmp_path) -> None:
     """An unreadable page in the same 16 MiB scan chunk as the KHO root FDT must not hide
     the FDT (seen on the real kernel: /dev/mem refused a page inside System RAM and the
     whole chunk was skipped). /dev/mem is absent here, so a raw image refuses one page."""
-    from kho_agent.abi.kho import KhoSubtree, encode_kho_fdt
+    from kho_agent.abi.encode.kho import encode_kho_fdt
+    from kho_agent.abi.kho import KhoSubtree
     from kho_agent.inspect import find_kho_fdts
     from kho_agent.physmem import PhysMemError, RawImage
 

@@ -164,9 +164,13 @@ def test_select_overlap_and_empty_stage(tmp_path) -> None:
     assert plan(tmp_path, """\
         - {name: a, hosts: rack-a}
         - {name: again, hosts: rack-a}
-        - {name: big, hosts: 100}
+        - {name: big, hosts: 4}
         - {name: nothing-left}
         """) == [["a1", "a2", "a3", "a4"], [], ["b1", "b2", "b3", "b4"], []]
+    # a count (or percentage) asking for more hosts than are left is refused, not capped
+    with pytest.raises(PlaybookError, match=r"pb.yaml:6: stage 'big': hosts: asks for 100 "
+                                            r"hosts, but only 4 of the play's 8 hosts"):
+        plan(tmp_path, "- {name: a, hosts: rack-a}\n- {name: big, hosts: 100}\n")
 
 
 def test_select_within_play_pattern_and_unstaged_hosts_left_alone(tmp_path) -> None:

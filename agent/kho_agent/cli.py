@@ -1,27 +1,44 @@
 """`kho-agent` command line (stdlib only): one subcommand per handover step.
 
 Every subcommand prints JSON with --json (a short human line otherwise) and fails with
-one line on stderr: exit 2 for bad input, 1 for a step that failed on this host.
+one line on stderr: exit 2 for bad input, 1 for a step that failed on this host. Errors
+are KhoAgentError (errors.py) and carry their exit code; anything else is a bug, shown as
+an internal error (KHO_FLEET_DEBUG=1 re-raises it for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 from . import __version__
-from .abi.memory import MemoryReadError
-from .inspect import InspectError, inspect_memory
+from .errors import InputError, KhoAgentError, one_line
+from .inspect import inspect_memory
 from .physmem import open_live_memory, open_memory
 
+if TYPE_CHECKING:                 # imported where used: `--version` stays cheap
+    from .handover import Agent
+    from .kernel import Kernel
+    from .workload import WorkloadSpec
+
 AGENT_START = time.time()     # the agent's own start, for the downtime breakdown
+DEBUG_ENV = "KHO_FLEET_DEBUG"
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad input: exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (UsageError, exit 2) instead of usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _int(text: str) -> int:
@@ -29,6 +46,28 @@ def _int(text: str) -> int:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _u64(text: str) -> int:
+    """An integer in [0, 2**64) (tokens, physical addresses)."""
+    v = _int(text)
+    if not 0 <= v < 1 << 64:
+        raise argparse.ArgumentTypeError(f"not in 0..2**64-1: {text!r}")
+    return v
+
+
+def _page_size(text: str) -> int:
+    """A page size: a power of two from 4096 to 65536 bytes."""
+    v = _int(text)
+    if v not in (4096, 8192, 16384, 32768, 65536):
+        raise argparse.ArgumentTypeError(f"not a page size (4096..65536, a power of 2): {text!r}")
+    return v
+
+
+def _sha256(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError(f"not a sha256 (64 hex digits): {text!r:.80}")
+    return text.lower()
 
 
 def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
@@ -39,33 +78,74 @@ def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
         print(human)
 
 
-def _agent(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .handover import Agent
+def _kernel(args: argparse.Namespace) -> Kernel:
+    """The host's kernel from the one twin setting (--twin, else $KHO_AGENT_TWIN)."""
     from .kernel import get_kernel
-    return Agent(get_kernel(args.twin), args.state_dir)
+    return get_kernel(args.twin)
 
 
-def _spec(path: Optional[str]):  # type: ignore[no-untyped-def]
+def _state_dir(args: argparse.Namespace) -> Optional[str]:
+    """--state-dir, refused (without creating anything) when it names a non-directory."""
+    path: Optional[str] = args.state_dir
+    if path is None:
+        return None
+    if not path:
+        raise UsageError("--state-dir: empty path")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"--state-dir {path}: not a directory")
+    return path
+
+
+def _agent(args: argparse.Namespace, create: bool = True) -> Agent:
+    """The host's Agent; checks the twin setting and --state-dir before touching the disk."""
+    from .handover import Agent
+    kernel = _kernel(args)
+    return Agent(kernel, _state_dir(args), create=create)
+
+
+def _spec(path: Optional[str]) -> Optional[WorkloadSpec]:
+    """The workload spec at `path` (SpecError, exit 2, names the file and field)."""
     if path is None:
         return None
     from .workload import SpecError, load_spec
     try:
         return load_spec(path)
     except SpecError as e:
-        raise UsageError(str(e)) from None
+        raise SpecError(f"--spec {e}") from None
+
+
+def _input_file(path: Optional[str], option: str) -> Optional[str]:
+    """`path` if it names a readable regular file, else UsageError naming the option
+    (checked before any step runs, so a mistyped path changes nothing on the host)."""
+    if path is None:
+        return None
+    if not path:
+        raise UsageError(f"{option}: empty path")
+    if not os.path.exists(path):
+        raise UsageError(f"{option} {path}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{option} {path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{option} {path}: not readable")
+    return path
+
+
+def _read_input(path: str, option: str) -> bytes:
+    """The bytes of a user-named file; InputError naming the option and path."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f"{option} {path}: {e.strerror or e}") from None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Decode KHO/LUO state from this host's memory (or an image) as JSON."""
-    fdt = None
-    if args.fdt:
-        with open(args.fdt, "rb") as f:
-            fdt = f.read()
+    fdt = _read_input(args.fdt, "--fdt") if args.fdt else None
     if args.memory:
         mem = open_memory(args.memory, args.memory_base)
-    elif args.twin:
-        from .kernel import get_kernel
-        mem = get_kernel(args.twin).open_physmem()
+    elif args.twin is not None or _twin_env_set():
+        mem = _kernel(args).open_physmem()
     else:
         mem = open_live_memory()
     with mem:
@@ -79,17 +159,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_preflight(args: argparse.Namespace) -> int:
     """Check KHO, LUO, kexec, debugfs, memory access, scratch and the staged kernel's ABI."""
     from .handover import AgentError
+    _input_file(args.kernel, "--kernel")
+    _input_file(args.initrd, "--initrd")
+    spec = _spec(args.spec)
     agent = _agent(args)
     try:
-        res = agent.preflight(kernel_image=args.kernel, initrd=args.initrd, spec=_spec(args.spec),
+        res = agent.preflight(kernel_image=args.kernel, initrd=args.initrd, spec=spec,
                               page_size=args.page_size, allow_unknown_abi=args.allow_unknown_abi)
     except AgentError:
         res = agent.state.preflight or {}
         _emit(args, res, "\n".join(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}"
                                    for c in res.get("checks", [])))
-        if not args.json:
-            raise
-        return 1
+        raise                  # the checks went to stdout; main() prints the one-line reason
     _emit(args, res, "\n".join(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}"
                                for c in res["checks"]))
     return 0
@@ -97,6 +178,8 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """sha256-verify and load the target kernel with kexec_file_load."""
+    _input_file(args.kernel, "--kernel")
+    _input_file(args.initrd, "--initrd")
     res = _agent(args).stage(args.kernel, initrd=args.initrd, cmdline=args.cmdline,
                              sha256=args.sha256, allow_unknown_abi=args.allow_unknown_abi)
     _emit(args, res, f"staged {res['kernel']} ({(res.get('target') or {}).get('release')}); "
@@ -107,6 +190,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_preserve(args: argparse.Namespace) -> int:
     """Start the holder and preserve the spec's memfds through /dev/liveupdate."""
     spec = _spec(args.spec)
+    if spec is None:                       # argparse requires --spec; keep mypy honest
+        raise UsageError("preserve needs --spec FILE")
     res = _agent(args).preserve(spec)
     _emit(args, res, f"preserved {len(res['workloads'])} memfd(s), "
                      f"{sum(w['size'] for w in res['workloads']) >> 20} MiB")
@@ -131,14 +216,23 @@ def cmd_kexec(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """After boot: incoming state, retrieve + verify every workload, FINISH, measure downtime."""
     rep = _agent(args).verify(agent_start=AGENT_START)
-    _emit(args, rep, f"handover {rep['handover_id']}: {rep['result']}"
-                     + (f" ({rep['failure']['phase']}: {rep['failure']['reason']})"
-                        if rep["failure"] else ""))
-    return 0 if rep["result"] == "success" else 1
+    line = (f"handover {rep['handover_id']}: {rep['result']}"
+            + (f" ({rep['failure']['phase']}: {rep['failure']['reason']})"
+               if rep["failure"] else ""))
+    _emit(args, rep, line)
+    if rep["result"] == "success":
+        return 0
+    print(f"kho-agent: verify: {one_line(line)}", file=sys.stderr)    # failed on this host
+    return 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write and print the handover report (+ node_exporter textfile)."""
+    if args.textfile_dir is not None:
+        if not args.textfile_dir:
+            raise UsageError("--textfile-dir: empty path")
+        if os.path.lexists(args.textfile_dir) and not os.path.isdir(args.textfile_dir):
+            raise UsageError(f"--textfile-dir {args.textfile_dir}: not a directory")
     rep = _agent(args).report(args.textfile_dir)
     _emit(args, rep, f"handover {rep['handover_id']}: {rep['result']}")
     return 0
@@ -154,22 +248,23 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """This host's handover state."""
     from dataclasses import asdict
-    agent = _agent(args)
-    _emit(args, asdict(agent.state), f"handover {agent.state.handover_id}: phase {agent.state.phase}")
+    agent = _agent(args, create=False)       # status only reads: it creates nothing
+    st = agent.state
+    _emit(args, asdict(st), f"handover {st.handover_id}: phase {st.phase}")
     return 0
 
 
 def cmd_holder(args: argparse.Namespace) -> int:
     """(internal) Run the holder process."""
     from .holder import run_holder
-    from .kernel import get_kernel
-    return run_holder(get_kernel(args.twin), args.state_dir or get_kernel(args.twin).state_dir())
+    kernel = _kernel(args)
+    return run_holder(kernel, _state_dir(args) or kernel.state_dir())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kho-agent", description=__doc__)
+    p = _Parser(prog="kho-agent", description=__doc__)
     p.add_argument("--version", action="version", version=f"kho-agent {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON")
     common.add_argument("--compact", action="store_true", help="one-line JSON")
     common.add_argument("--state-dir", metavar="DIR", help="default /var/lib/kho-agent")
@@ -186,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins = add("inspect", cmd_inspect)
     ins.add_argument("--memory", metavar="PATH",
                      help="memory image; default: this host (/dev/mem, else /proc/kcore)")
-    ins.add_argument("--memory-base", type=_int, default=None, metavar="ADDR")
+    ins.add_argument("--memory-base", type=_u64, default=None, metavar="ADDR")
     ins.add_argument("--fdt", metavar="PATH", help="KHO root FDT, e.g. debugfs kho/out/fdt")
-    ins.add_argument("--page-size", type=_int, default=4096, metavar="BYTES")
+    ins.add_argument("--page-size", type=_page_size, default=4096, metavar="BYTES")
 
     for name, func in (("preflight", cmd_preflight), ("stage", cmd_stage)):
         sp = add(name, func)
@@ -198,11 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="proceed when the KHO ABI of a kernel cannot be determined")
         if name == "preflight":
             sp.add_argument("--spec", metavar="FILE", help="workload spec (memory check)")
-            sp.add_argument("--page-size", type=_int, metavar="BYTES",
+            sp.add_argument("--page-size", type=_page_size, metavar="BYTES",
                             help="expected page size (from the inventory)")
         else:
             sp.add_argument("--cmdline", default="reuse", metavar="reuse|STRING")
-            sp.add_argument("--sha256", metavar="HEX", help="expected sha256 of the kernel")
+            sp.add_argument("--sha256", type=_sha256, metavar="HEX",
+                            help="expected sha256 of the kernel")
     add("preserve", cmd_preserve).add_argument("--spec", required=True, metavar="FILE",
                                                help="workloads (JSON, or YAML with PyYAML)")
     add("snapshot", cmd_snapshot)
@@ -213,35 +309,42 @@ def build_parser() -> argparse.ArgumentParser:
                                            help="also write kho-agent.prom here (node_exporter)")
     rel = add("release", cmd_release)
     rel.add_argument("--session")
-    rel.add_argument("--token", type=_int)
+    rel.add_argument("--token", type=_u64)
     add("status", cmd_status)
     add("holder", cmd_holder)
     return p
 
 
+def _twin_env_set() -> bool:
+    from .kernel import twin_setting
+    return twin_setting(None)[0] is not None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .handover import AgentError
-    from .holder import HolderError
-    from .kernel import KernelError, LiveUpdateError
+    """Run one subcommand; every error is one line on stderr (see the module docstring)."""
     try:
-        return args.func(args)
-    except (UsageError, InspectError, MemoryReadError) as e:
-        print(f"kho-agent: error: {e}", file=sys.stderr)
-        return 2
-    except AgentError as e:
-        print(f"kho-agent: {e.phase}: {e}", file=sys.stderr)
-        return 1
-    except (HolderError, KernelError, LiveUpdateError) as e:
-        print(f"kho-agent: error: {e}", file=sys.stderr)
-        return 1
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except KhoAgentError as e:
+        print(f"kho-agent: {e.headline()}", file=sys.stderr)
+        return e.exit_code
     except BrokenPipeError:
         return 0
     except OSError as e:
-        print(f"kho-agent: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        if e.filename is None:             # not a path anyone named: a failure on this host
+            print(f"kho-agent: error: {one_line(e.strerror or e)}", file=sys.stderr)
+            return 1
+        print(f"kho-agent: error: {e.filename}: {one_line(e.strerror or e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("kho-agent: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"kho-agent: internal error: {type(e).__name__}: {one_line(e)} "
+              f"(set {DEBUG_ENV}=1 for a traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

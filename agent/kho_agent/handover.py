@@ -11,11 +11,12 @@ from typing import Optional
 
 from . import journal
 from .digest import sha256_file
-from .holder import HolderClient, HolderError, holder_client, spawn_holder
-from .kernel import Kernel, KernelError, LiveUpdateError, TWIN_ENV
+from .errors import InputError, KhoAgentError, one_line
+from .holder import PEER_GONE, HolderClient, HolderError, holder_client, spawn_holder
+from .kernel import Kernel, KernelError, LiveUpdateError
 from .preflight import preflight, running_abi
 from .snapshot import read_incoming, take_snapshot
-from .state import AgentState, load_state, read_json, save_state, write_json
+from .state import AgentState, StateError, load_state, read_json, save_state, write_json
 from .workload import WorkloadSpec, runs_to_pfns
 
 __all__ = ["AgentError", "Agent"]
@@ -25,21 +26,33 @@ SNAPSHOT_FILE = "snapshot.json"
 VERIFY_FILE = "verify.json"
 
 
-class AgentError(Exception):
-    """A step failed; `phase` names it in the report."""
+class AgentError(KhoAgentError):
+    """A step failed on this host (exit 1); `phase` names it in the report."""
 
     def __init__(self, phase: str, msg: str) -> None:
         super().__init__(msg)
         self.phase = phase
 
+    def headline(self) -> str:
+        return f"{self.phase}: {one_line(self)}"
+
 
 class Agent:
     """One host's handover, driven step by step (each CLI subcommand is one method)."""
 
-    def __init__(self, kernel: Kernel, state_dir: Optional[str] = None) -> None:
+    def __init__(self, kernel: Kernel, state_dir: Optional[str] = None,
+                 create: bool = True) -> None:
+        """`create` False: a read-only look (status) that does not create `state_dir`.
+        A state.json that cannot be used raises StateError (exit 2) naming file and field."""
         self.kernel = kernel
         self.dir = state_dir or kernel.state_dir()
-        os.makedirs(self.dir, exist_ok=True)
+        if os.path.lexists(self.dir) and not os.path.isdir(self.dir):
+            raise InputError(f"state dir {self.dir}: not a directory")
+        if create:
+            try:
+                os.makedirs(self.dir, exist_ok=True)
+            except OSError as e:
+                raise InputError(f"state dir {self.dir}: {e.strerror or e}") from None
         self.state = load_state(self.dir)
 
     def _path(self, name: str) -> str:
@@ -79,7 +92,7 @@ class Agent:
         """Verify and load the target kernel with kexec_file_load (refusing an ABI change)."""
         if self.state.failure or self.state.aborted:
             self.state = AgentState()          # a refused or failed attempt does not carry over
-        for path, want in ((kernel_image, sha256), (initrd, None)):
+        for path in (kernel_image, initrd):
             if path is None:
                 continue
             if not os.path.isfile(path):
@@ -113,7 +126,7 @@ class Agent:
         if c is not None:
             return c
         try:
-            return spawn_holder(self.dir, os.environ.get(TWIN_ENV))
+            return spawn_holder(self.dir, self.kernel)
         except HolderError as e:
             raise self._fail(self.state.phase if self.state.phase != "new" else "preserve",
                              str(e)) from None
@@ -211,12 +224,15 @@ class Agent:
             # the sessions are FINISHed and held; say what was found then
             from .report import build_report
             return build_report(prev, self.state, self.kernel.hostname())
-        disk = journal.read_disk(self.dir)
+        try:
+            disk = journal.read_disk(self.dir)
+        except StateError:
+            disk = None    # the disk copy is the fallback: the memfd journal comes first
         incoming = read_incoming(self.kernel, (disk or {}).get("snapshot"))
         reply, lost_holder = None, None
         for attempt in range(2):
             try:
-                c = holder_client(self.dir) or spawn_holder(self.dir, os.environ.get(TWIN_ENV))
+                c = holder_client(self.dir) or spawn_holder(self.dir, self.kernel)
                 with c:
                     reply, _ = c.call("retrieve", journal=disk)
                 break
@@ -224,7 +240,8 @@ class Agent:
                 # A holder killed mid-retrieval takes every session it had retrieved but
                 # not FINISHed with it (LUO drops them on close). Retry once with a fresh
                 # holder so the report can say exactly which workloads were lost.
-                if attempt == 0 and "went away" in str(e) and disk is not None:
+                if (attempt == 0 and isinstance(e, HolderError) and e.kind == PEER_GONE
+                        and disk is not None):
                     lost_holder = str(e)
                     continue
                 out = {"incoming": incoming, "journal": disk, "results": [],

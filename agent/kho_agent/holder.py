@@ -18,6 +18,7 @@ retrieved but not FINISHed. Each holder process counts its own retrievals.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,13 +30,24 @@ import time
 from typing import Any, Optional
 
 from . import journal
+from .errors import KhoAgentError
 from .journal import parse_memfd as parse_journal
-from .kernel import Kernel, LiveUpdate, LiveUpdateError, Session, TWIN_ENV
-from .wire import WireError, connect_unix, recv_msg, send_msg
-from .workload import (AGENT_SESSION, JOURNAL_TOKEN, SpecError, fill_pattern, hash_fd,
-                       make_memfd, parse_spec, pfn_runs)
+from .kernel import Kernel, KernelError, LiveUpdate, LiveUpdateError, Session
+from .wire import call, close_fds, connect_unix, recv_msg, send_msg
+from .workload import (
+    AGENT_SESSION,
+    JOURNAL_TOKEN,
+    SpecError,
+    fill_pattern,
+    hash_fd,
+    make_memfd,
+    parse_spec,
+    pfn_runs,
+)
 
-__all__ = ["SOCKET", "HolderError", "Holder", "HolderClient", "spawn_holder", "holder_client"]
+__all__ = ["SOCKET", "HolderError", "Holder", "HolderClient", "spawn_holder", "holder_client",
+           "HOLDER_ERROR_KINDS", "PEER_GONE", "NO_HOLDER", "BAD_REQUEST", "NOT_FOUND",
+           "NOT_READY", "BUSY", "KERNEL", "UNKNOWN", "error_kind"]
 
 FAULT_ENV = "KHO_AGENT_FAULT"
 SOCKET = "holder.sock"
@@ -43,8 +55,47 @@ PIDFILE = "holder.pid"
 LOG = "holder.log"
 
 
-class HolderError(Exception):
-    """A holder request failed; the message is the holder's one-line reason."""
+# What went wrong with a holder request, machine-readable: an error reply carries it as
+# "kind" next to the human "error", and HolderError as `.kind`. Callers decide on the kind,
+# never on the reason's words.
+PEER_GONE = "peer-gone"        # the connection broke mid-request (the holder died or was killed)
+NO_HOLDER = "no-holder"        # no holder could be started or reached
+BAD_REQUEST = "bad-request"    # the request itself is wrong (unknown op, missing field, bad spec)
+NOT_FOUND = "not-found"        # no such memfd, session or journal
+NOT_READY = "not-ready"        # asked at the wrong point (e.g. seal before prepare)
+BUSY = "busy"                  # /dev/liveupdate or a session is in use (EBUSY)
+KERNEL = "kernel"              # a syscall or a LUO ioctl failed
+UNKNOWN = "unknown"            # a reply without a kind this client knows (another version)
+HOLDER_ERROR_KINDS = frozenset({PEER_GONE, NO_HOLDER, BAD_REQUEST, NOT_FOUND, NOT_READY, BUSY,
+                                KERNEL, UNKNOWN})
+
+
+class HolderError(KhoAgentError):
+    """A holder request failed: the message is the holder's one-line reason, `kind` one of
+    HOLDER_ERROR_KINDS (what callers decide on)."""
+
+    def __init__(self, reason: str, kind: str = UNKNOWN) -> None:
+        if kind not in HOLDER_ERROR_KINDS:
+            raise ValueError(f"holder error kind {kind!r} (known: {sorted(HOLDER_ERROR_KINDS)})")
+        super().__init__(reason)
+        self.kind = kind
+
+
+# What the holder answers for each exception a request may raise (anything else is a bug
+# and ends the holder, like any bug).
+_REQUEST_ERRORS = (HolderError, LiveUpdateError, KernelError, SpecError, KeyError, ValueError,
+                   TypeError, OSError)
+
+
+def error_kind(e: BaseException) -> str:
+    """The kind of an exception a request raised (one of HOLDER_ERROR_KINDS)."""
+    if isinstance(e, HolderError):
+        return e.kind
+    if isinstance(e, LiveUpdateError):
+        return {errno.EBUSY: BUSY, errno.ENOENT: NOT_FOUND}.get(e.errno or 0, KERNEL)
+    if isinstance(e, (KeyError, ValueError, TypeError)):       # SpecError is a ValueError
+        return BAD_REQUEST
+    return KERNEL                                               # KernelError, OSError
 
 
 def _exit_after_retrieve() -> Optional[int]:
@@ -143,7 +194,9 @@ class Holder:
     def op_adopt(self, req: dict, fds: list[int]) -> dict:
         """A workload hands its memfd over (SCM_RIGHTS) to be preserved as `token`."""
         if len(fds) != 1:
-            raise HolderError("adopt needs exactly one memfd passed with the request")
+            close_fds(fds)
+            raise HolderError("adopt needs exactly one memfd passed with the request",
+                              BAD_REQUEST)
         fd = fds[0]
         size = os.fstat(fd).st_size
         try:
@@ -170,7 +223,7 @@ class Holder:
         """Append the tail (final stamps) and preserve the journal memfd: frozen from here."""
         if self.journal_fd is None or self.journal_count != len(self.records):
             raise HolderError("journal not prepared, or workloads changed since the "
-                              "snapshot: run snapshot again")
+                              "snapshot: run snapshot again", NOT_READY)
         line = json.dumps(req["tail"], separators=(",", ":")).encode() + b"\n"
         os.pwrite(self.journal_fd, line, os.fstat(self.journal_fd).st_size)
         fd, self.journal_fd = self.journal_fd, None
@@ -201,7 +254,7 @@ class Holder:
         if jr is None:
             jr = req.get("journal")
         if jr is None:
-            raise HolderError(journal_error or "no journal")
+            raise HolderError(journal_error or "no journal", NOT_FOUND)
         results = []
         by_session: dict[str, list[dict]] = {}
         for w in jr.get("workloads", []):
@@ -231,7 +284,7 @@ class Holder:
                 res["size"] = os.fstat(fd).st_size
                 try:
                     res["pfn_runs"] = pfn_runs(self.kernel.memfd_pfns(fd, size))
-                except Exception as e:  # noqa: BLE001 - reported per workload
+                except Exception as e:
                     res["error"] = f"PFNs unreadable: {e}"
                 results.append(res)
             try:
@@ -247,7 +300,7 @@ class Holder:
         key = (str(req["session"]), int(req["token"]))
         fd = self.fds.pop(key, None)
         if fd is None:
-            raise HolderError(f"no memfd held for session {key[0]!r} token {key[1]}")
+            raise HolderError(f"no memfd held for session {key[0]!r} token {key[1]}", NOT_FOUND)
         return {"session": key[0], "token": key[1]}, [fd]
 
     def op_release(self, req: dict, fds: list[int]) -> dict:
@@ -271,19 +324,20 @@ class Holder:
         while True:
             try:
                 req, fds = recv_msg(conn)
-            except (WireError, OSError):
+            except OSError:                  # WireError too: the client left or sent garbage
                 return
-            op = getattr(self, f"op_{req.get('op')}", None) if isinstance(req, dict) else None
+            op = getattr(self, f"op_{req.get('op')}", None)
             out_fds: list[int] = []
             try:
                 if op is None:
-                    raise HolderError(f"unknown request {req!r:.80}")
+                    raise HolderError(f"unknown request {req!r:.80}", BAD_REQUEST)
                 res = op(req, fds)
                 if isinstance(res, tuple):
                     res, out_fds = res
                 reply = {"ok": True, **res}
-            except (HolderError, LiveUpdateError, SpecError, KeyError, ValueError, OSError) as e:
-                reply = {"ok": False, "error": f"{type(e).__name__}: {e}" if isinstance(e, KeyError)
+            except _REQUEST_ERRORS as e:
+                reply = {"ok": False, "kind": error_kind(e),
+                         "error": f"{type(e).__name__}: {e}" if isinstance(e, KeyError)
                          else str(e)}
             try:
                 send_msg(conn, reply, out_fds)
@@ -345,20 +399,21 @@ class HolderClient:
 
     def call(self, op: str, fds: tuple[int, ...] = (), **args: Any) -> tuple[dict, list[int]]:
         try:
-            send_msg(self.sock, {"op": op, **args}, fds)
-            reply, got = recv_msg(self.sock)
-        except (WireError, OSError) as e:
-            raise HolderError(f"holder went away during {op!r}: {e}") from None
+            reply, got = call(self.sock, {"op": op, **args}, fds)
+        except OSError as e:                 # WireError too
+            raise HolderError(f"holder went away during {op!r}: {e}", PEER_GONE) from None
         if not reply.get("ok"):
-            for fd in got:
-                os.close(fd)
-            raise HolderError(reply.get("error", "holder request failed"))
+            close_fds(got)
+            kind = reply.get("kind")
+            raise HolderError(str(reply.get("error", "holder request failed")),
+                              kind if isinstance(kind, str) and kind in HOLDER_ERROR_KINDS
+                              else UNKNOWN)
         return reply, got
 
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "HolderClient":
+    def __enter__(self) -> HolderClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -375,14 +430,14 @@ def holder_client(state_dir: str) -> Optional[HolderClient]:
         return None
 
 
-def spawn_holder(state_dir: str, twin_root: Optional[str] = None, timeout: float = 15.0) -> HolderClient:
-    """Start a detached holder (same python, same agent code: works from the zipapp too)."""
+def spawn_holder(state_dir: str, kernel: Kernel, timeout: float = 15.0) -> HolderClient:
+    """Start a detached holder (same python, same agent code: works from the zipapp too)
+    on the same host as `kernel`: its environment is kernel.child_env(), so a holder
+    started for a twin host opens that twin's /dev/liveupdate, never this machine's."""
     import kho_agent
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(kho_agent.__file__)))
-    env = dict(os.environ)
+    env = kernel.child_env()
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if twin_root:
-        env[TWIN_ENV] = twin_root
     log_path = os.path.join(state_dir, LOG)
     with open(log_path, "ab") as log, open(os.devnull, "rb") as null:
         proc = subprocess.Popen([sys.executable, "-m", "kho_agent", "holder",
@@ -393,13 +448,14 @@ def spawn_holder(state_dir: str, twin_root: Optional[str] = None, timeout: float
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = _tail(log_path)
-            raise HolderError(f"holder exited with {proc.returncode}: {tail}")
+            raise HolderError(f"holder exited with {proc.returncode}: {tail}", NO_HOLDER)
         c = holder_client(state_dir)
         if c is not None:
             return c
         time.sleep(0.05)
     proc.kill()
-    raise HolderError(f"holder did not answer within {timeout:.0f}s: {_tail(log_path)}")
+    raise HolderError(f"holder did not answer within {timeout:.0f}s: {_tail(log_path)}",
+                      NO_HOLDER)
 
 
 def _tail(path: str) -> str:

@@ -8,6 +8,7 @@ compatible is `kho-vN`), walks the radix tree, and decodes kexec-metadata and LU
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,9 +16,10 @@ from .abi import luo as luo_abi
 from .abi import metadata as md_abi
 from .abi.fdt import FDT_MAGIC, FdtError, parse_header
 from .abi.kho import KhoRoot, decode_kho_fdt
+from .abi.memory import MemoryReadError
 from .abi.radix import RadixWalk, geometry, walk_radix
 from .abi.versions import UnsupportedAbi, page_shift
-from .abi.memory import MemoryReadError
+from .errors import InputError
 from .physmem import PhysicalMemory
 
 __all__ = ["InspectError", "FdtCandidate", "find_kho_fdts", "inspect_memory",
@@ -28,7 +30,7 @@ _MAGIC = FDT_MAGIC.to_bytes(4, "big")
 _SCAN_CHUNK = 16 << 20
 
 
-class InspectError(Exception):
+class InspectError(InputError):
     """The input cannot be decoded at all (no KHO FDT, unsupported ABI, bad page size)."""
 
 
@@ -43,36 +45,90 @@ class FdtCandidate:
 
 
 def find_kho_fdts(mem: PhysicalMemory, page_size: int, *, limit: int = 256) -> list[FdtCandidate]:
-    """Every page-aligned FDT in `mem` whose root compatible starts with "kho-"."""
+    """Every page-aligned FDT in `mem` whose root compatible starts with "kho-".
+
+    Bounded whatever the dump size or content: memory is read one `_SCAN_CHUNK` window
+    at a time (resident: one window plus one page per candidate, and at most `limit`
+    candidates kept), and only where the source may hold non-zero bytes
+    (`mem.data_ranges()`: holes of sparse files and zero tails of ELF segments are
+    skipped, not read). Only the first 4 bytes of each page are compared, so a window
+    full of FDT magic costs one candidate check per page, never one per byte.
+    """
     found: list[FdtCandidate] = []
-    for start, end in mem.ranges:
-        pos = start + (-start % page_size)
-        while pos < end and len(found) < limit:
-            n = min(_SCAN_CHUNK, end - pos)
-            try:
-                chunk = mem.read(pos, n)
-            except MemoryReadError:
-                # a hole or an unreadable page inside the chunk (/dev/mem refuses some):
-                # look at the first bytes of each page instead of skipping 16 MiB
-                hits = []
-                for page in range(pos, pos + n, page_size):
-                    try:
-                        if mem.read(page, 4) == _MAGIC:
-                            hits.append(page)
-                    except MemoryReadError:
-                        continue
-                found += [c for c in (_candidate(mem, p, page_size) for p in hits) if c]
-                pos += n
-                continue
-            i = chunk.find(_MAGIC)
-            while i >= 0:
-                if i % page_size == 0:
-                    cand = _candidate(mem, pos + i, page_size)
-                    if cand is not None:
-                        found.append(cand)
-                i = chunk.find(_MAGIC, i + 1)
-            pos += n
+    for pos, n in _scan_windows(mem, page_size):
+        if len(found) >= limit:
+            break
+        try:
+            chunk = mem.read(pos, n)
+        except MemoryReadError:
+            # a hole or an unreadable page inside the chunk (/dev/mem refuses some):
+            # look at the first bytes of each page instead of skipping 16 MiB
+            hits = []
+            for page in range(pos, pos + n, page_size):
+                try:
+                    if mem.read(page, 4) == _MAGIC:
+                        hits.append(page)
+                except MemoryReadError:
+                    continue
+        else:
+            hits = [pos + off for off in _magic_pages(chunk, page_size)
+                    if _may_be_kho_fdt(chunk, off, page_size)]
+            del chunk
+        for phys in hits:
+            if len(found) >= limit:
+                break
+            cand = _candidate(mem, phys, page_size)
+            if cand is not None:
+                found.append(cand)
     return found
+
+
+def _scan_windows(mem: PhysicalMemory, page_size: int) -> Iterator[tuple[int, int]]:
+    """(phys, length) windows of at most `_SCAN_CHUNK` bytes, page-aligned, covering
+    every page of `mem` whose first bytes may be non-zero, each page once."""
+    ranges = mem.ranges
+    starts = [r[0] for r in ranges]
+    data = mem.data_ranges() if hasattr(mem, "data_ranges") else iter(ranges)
+    done = -1
+    for lo, hi in data:
+        i = bisect.bisect_right(starts, lo) - 1
+        if i < 0 or hi <= lo:
+            continue
+        r_lo, r_hi = ranges[i]
+        lo = max(lo - lo % page_size, r_lo, done)    # the page holding the first byte
+        lo += -lo % page_size
+        hi = min(hi + (-hi % page_size), r_hi)
+        while lo < hi:
+            n = min(_SCAN_CHUNK, hi - lo)
+            yield lo, n
+            lo += n
+        done = max(done, hi)
+
+
+def _magic_pages(chunk: bytes, page_size: int) -> list[int]:
+    """Offsets (multiples of `page_size`) in `chunk` of the pages that begin with the FDT
+    magic: the first 4 bytes of every page are gathered by a strided view, then searched."""
+    usable = len(chunk) - len(chunk) % 4
+    if usable <= 0:
+        return []
+    with memoryview(chunk) as mv, mv[:usable] as head, head.cast("I") as words:
+        firsts = words[::page_size // 4].tobytes()
+    out = []
+    j = firsts.find(_MAGIC)
+    while j >= 0:
+        if j % 4 == 0:
+            out.append(j // 4 * page_size)
+        j = firsts.find(_MAGIC, j + 1)
+    return out
+
+
+def _may_be_kho_fdt(chunk: bytes, off: int, page_size: int) -> bool:
+    """Cheap test on the bytes already read: a plausible totalsize and "kho-v" inside.
+    False only when `_candidate` would surely say no (pages full of lying headers)."""
+    total = int.from_bytes(chunk[off + 4:off + 8], "big")
+    if len(chunk) < off + 8 or not 40 < total <= page_size:
+        return len(chunk) < off + 8
+    return off + total > len(chunk) or chunk.find(b"kho-v", off, off + total) >= 0
 
 
 def _candidate(mem: PhysicalMemory, phys: int, page_size: int) -> Optional[FdtCandidate]:
@@ -115,8 +171,8 @@ def _pick(cands: list[FdtCandidate], mem: PhysicalMemory, page_size: int,
     return max(scored, key=lambda c: (c.walk.intact, c.walk.nodes, -c.phys))  # type: ignore[union-attr]
 
 
-def _resolve_root(mem: PhysicalMemory, page_size: int, fdt_blob: Optional[bytes],
-                  fdt_name: str) -> tuple[KhoRoot, str, Optional[int], Optional[RadixWalk], list[str]]:
+def _resolve_root(mem: PhysicalMemory, page_size: int, fdt_blob: Optional[bytes], fdt_name: str
+                  ) -> tuple[KhoRoot, str, Optional[int], Optional[RadixWalk], list[str]]:
     """(root, source description, phys of the FDT if in memory, walk if done, notes)."""
     notes: list[str] = []
     if fdt_blob is not None:
@@ -137,10 +193,10 @@ def _resolve_root(mem: PhysicalMemory, page_size: int, fdt_blob: Optional[bytes]
             best = _pick(find_kho_fdts(mem, page_size), mem, page_size,
                          mmap_root=partial.memory_map_root)
             if best is not None and best.root is not None:
-                return (best.root, f"memory 0x{best.phys:x} (complete copy; {fdt_name} is "
-                        "truncated)", best.phys, best.walk, notes)
-            return (partial, f"file {fdt_name} (truncated; recovered from the structure "
-                    "block)", None, None, notes)
+                return (best.root, (f"memory 0x{best.phys:x} (complete copy; {fdt_name} is "
+                                    "truncated)"), best.phys, best.walk, notes)
+            return (partial, (f"file {fdt_name} (truncated; recovered from the structure "
+                              "block)"), None, None, notes)
     cands = find_kho_fdts(mem, page_size)
     best = _pick(cands, mem, page_size)
     if best is None or best.root is None:

@@ -3,18 +3,26 @@
 One interface, `read(phys, length) -> bytes`, so the ABI decoders never know the source.
 Each reader knows which physical ranges it holds and raises PhysMemError (a
 MemoryReadError) for anything else. /dev/mem is opened read-only, always.
+`data_ranges()` says where non-zero bytes can be at all (holes of sparse files and the
+zero tail of ELF segments are left out), so a scan of a dump costs what the dump holds.
 `write_elf_core` writes the ELF cores the tests and the digital twin use.
+
+Resident memory stays bounded whatever the dump size: reads of `_PREAD_MIN` bytes or
+more go through pread (nothing stays mapped), and the pages the mmap fast path for small
+reads has touched are dropped (MADV_DONTNEED) every `_MAP_BUDGET` bytes.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 import mmap
 import os
 import stat
 import struct
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Any, Optional
 
 from .abi.memory import MemoryReadError
 
@@ -25,6 +33,8 @@ __all__ = ["PhysMemError", "Segment", "PhysicalMemory", "RawImage", "ElfCore", "
 _ELF_MAGIC = b"\x7fELF"
 _PT_LOAD = 1
 _NO_PADDR = (1 << 64) - 1
+_PREAD_MIN = 64 << 10     # reads this long or longer use pread, not the mapping
+_MAP_BUDGET = 32 << 20    # bytes of mapped pages touched before they are dropped
 
 
 class PhysMemError(MemoryReadError):
@@ -49,6 +59,7 @@ class PhysicalMemory:
     """Reads physical memory from a file through a sorted list of segments."""
 
     source: str = "memory"
+    sparse_aware: bool = False    # True: the fd is a plain file that SEEK_DATA can ask
 
     def __init__(self, path: str, segments: Sequence[Segment], fd: int,
                  use_mmap: bool) -> None:
@@ -57,6 +68,7 @@ class PhysicalMemory:
         self._starts = [s.phys for s in self.segments]
         self._fd = fd
         self._map: Optional[mmap.mmap] = None
+        self._touched = 0         # bytes read through the mapping since the last drop
         if use_mmap and os.fstat(fd).st_size > 0:
             self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
 
@@ -68,7 +80,7 @@ class PhysicalMemory:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "PhysicalMemory":
+    def __enter__(self) -> PhysicalMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -107,14 +119,76 @@ class PhysicalMemory:
         return None
 
     def _file_read(self, offset: int, length: int) -> bytes:
-        if self._map is not None:
-            return self._map[offset:offset + length]
-        return os.pread(self._fd, length, offset)
+        """File bytes: small reads from the mapping (fast for tree walks), large ones by
+        pread so that a scan of a large dump leaves no pages mapped in this process."""
+        if self._map is None or length >= _PREAD_MIN:
+            return os.pread(self._fd, length, offset)
+        self._touched += length + mmap.PAGESIZE
+        if self._touched > _MAP_BUDGET:
+            self._drop_mapped()
+        return self._map[offset:offset + length]
+
+    def _drop_mapped(self) -> None:
+        """Unmap the pages of the mapping touched so far (they stay in the page cache)."""
+        self._touched = 0
+        if self._map is not None and hasattr(self._map, "madvise"):
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+    def data_ranges(self) -> Iterator[tuple[int, int]]:
+        """[start, end) physical ranges that may hold non-zero bytes, by segment in
+        address order (ranges of overlapping segments may overlap).
+
+        Everything else this source holds reads as zeros: p_memsz beyond p_filesz, and
+        holes of a sparse plain file (found with SEEK_DATA/SEEK_HOLE, one pair of lseek
+        calls per extent, nothing kept). Without SEEK_DATA the whole file counts as data.
+        """
+        for seg in self.segments:
+            if seg.filesz <= 0:
+                continue
+            if not self.sparse_aware:
+                yield seg.phys, seg.phys + min(seg.filesz, seg.size)
+                continue
+            for off, end in self._file_extents(seg.offset, seg.offset + min(seg.filesz, seg.size)):
+                yield seg.phys + (off - seg.offset), seg.phys + (end - seg.offset)
+
+    def _file_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """The data extents of the file within [start, end) (holes left out)."""
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+                hole = os.lseek(self._fd, data, os.SEEK_HOLE)
+            except OSError as e:
+                if e.errno == errno.ENXIO:      # no data at or after pos
+                    return
+                yield pos, end                  # SEEK_DATA unsupported: all of it is data
+                return
+            if data >= end:
+                return
+            if hole <= data:                    # cannot happen on a sane filesystem
+                yield data, end
+                return
+            yield data, min(hole, end)
+            pos = hole
 
     def read(self, phys: int, length: int) -> bytes:
         """`length` bytes at physical address `phys` (PhysMemError if any are missing)."""
         if length < 0 or phys < 0:
             raise PhysMemError(f"bad read 0x{phys:x}+{length}")
+        seg = self._segment(phys) if length else None
+        if seg is not None and phys + length <= seg.phys + min(seg.filesz, seg.size):
+            # all in one segment's file bytes: the common case, no copy into a buffer
+            try:
+                chunk = self._file_read(seg.offset + phys - seg.phys, length)
+            except OSError as e:
+                raise PhysMemError(f"reading physical 0x{phys:x} from {self.path}: "
+                                   f"{e.strerror}") from None
+            if len(chunk) != length:
+                raise PhysMemError(f"physical 0x{phys:x}: short read from {self.path}")
+            return chunk
         out = bytearray()
         pos, left = phys, length
         while left:
@@ -146,8 +220,9 @@ class RawImage(PhysicalMemory):
 
     def __init__(self, path: str, base: int = 0) -> None:
         fd = os.open(path, os.O_RDONLY)
-        size = os.fstat(fd).st_size
-        super().__init__(path, [Segment(base, size, 0, size)], fd, use_mmap=True)
+        st = os.fstat(fd)
+        self.sparse_aware = stat.S_ISREG(st.st_mode) and not path.startswith(("/proc/", "/sys/"))
+        super().__init__(path, [Segment(base, st.st_size, 0, st.st_size)], fd, use_mmap=True)
 
 
 def _parse_elf(head: bytes, path: str) -> tuple[str, int, int, int]:
@@ -179,6 +254,8 @@ class ElfCore(PhysicalMemory):
         except BaseException:
             os.close(fd)
             raise
+        self.sparse_aware = (stat.S_ISREG(os.fstat(fd).st_mode)
+                             and not path.startswith(("/proc/", "/sys/")))
         super().__init__(path, segs, fd, use_mmap=use_mmap)
 
     @staticmethod
@@ -215,6 +292,7 @@ class KCore(ElfCore):
 
     def __init__(self, path: str = "/proc/kcore") -> None:
         super().__init__(path, use_mmap=False)
+        self.sparse_aware = False     # procfs answers SEEK_DATA with "all data" at best
 
 
 def system_ram_ranges(iomem: str = "/proc/iomem") -> list[tuple[int, int]]:
@@ -300,7 +378,7 @@ def write_elf_core(path: str, chunks: Iterable[tuple[int, bytes]], *,
 
     Adjacent chunks are merged. machine 62 is EM_X86_64 (183 = EM_AARCH64).
     """
-    merged: list[list] = []
+    merged: list[list[Any]] = []   # [phys, bytearray]
     for phys, data in sorted(chunks, key=lambda c: c[0]):
         if merged and merged[-1][0] + len(merged[-1][1]) == phys:
             merged[-1][1] += data

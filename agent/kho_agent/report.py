@@ -7,9 +7,9 @@ same figures go to a `.prom` file for node_exporter's textfile collector.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Optional
 
+from .atomicfile import atomic_write
 from .state import AgentState, write_json
 from .workload import WorkloadRecord
 
@@ -180,11 +180,6 @@ def prom_text(rep: dict) -> str:
 def write_report(rep: dict, state_dir: str, textfile_dir: Optional[str] = None) -> None:
     """report.json in the state dir; the .prom file there and in `textfile_dir` if given."""
     write_json(os.path.join(state_dir, REPORT_FILE), rep)
-    text = prom_text(rep)
+    text = prom_text(rep).encode()
     for d in filter(None, (state_dir, textfile_dir)):
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{PROM_FILE}.", dir=d)   # concurrent writers
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, os.path.join(d, PROM_FILE))
+        atomic_write(os.path.join(d, PROM_FILE), text, mode=0o644)

@@ -8,44 +8,49 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-__all__ = ["PHASES", "AgentState", "load_state", "save_state", "write_json", "read_json"]
+from .atomicfile import atomic_write_json
+from .errors import InputError
+
+__all__ = ["PHASES", "AgentState", "StateError", "load_state", "save_state", "write_json",
+           "read_json", "state_from_json"]
 
 PHASES = ("preflight", "stage", "preserve", "snapshot", "kexec", "boot", "verify", "report")
 STATE_FILE = "state.json"
 
 
+class StateError(InputError):
+    """An agent state file that cannot be used; the message names the file and field."""
+
+
 def write_json(path: str, data: Any, *, fsync: bool = True) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (atomicfile: a crash never leaves half a file), readable by
+    its owner only, as the agent's state files always were."""
+    atomic_write_json(path, data, fsync=fsync, mode=0o600)
 
 
 def read_json(path: str) -> Optional[Any]:
-    """The JSON in `path`, or None if the file does not exist."""
+    """The JSON in `path`, or None if the file does not exist; StateError naming the
+    file if it cannot be read or is not (UTF-8) JSON."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise StateError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise StateError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise StateError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise StateError(f"{path}: not valid JSON ({e})") from None
 
 
 @dataclass
@@ -76,13 +81,78 @@ class AgentState:
         return None
 
 
-def load_state(state_dir: str) -> AgentState:
-    """The current state, or a fresh one (new handover id) if none was saved."""
-    raw = read_json(os.path.join(state_dir, STATE_FILE))
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_record(v: Any, where: str, fields: dict[str, Any]) -> None:
+    """`v` is a mapping whose `fields` have the given types (a callable: a predicate)."""
+    if not isinstance(v, dict):
+        raise StateError(f"{where}: expected an object, got {type(v).__name__}")
+    for name, kind in fields.items():
+        ok = isinstance(v.get(name), kind) if isinstance(kind, type) else kind(v.get(name))
+        if not ok:
+            raise StateError(f"{where}.{name}: wrong type or missing "
+                             f"(got {type(v.get(name)).__name__})")
+
+
+def state_from_json(raw: Any, where: str) -> AgentState:
+    """An AgentState from decoded state.json, every field's type checked; StateError names
+    `where` (the file) and the field. Unknown fields are ignored (a newer agent's)."""
+    if not isinstance(raw, dict):
+        raise StateError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     if not raw:
         return AgentState()
-    known = {k: raw[k] for k in AgentState.__dataclass_fields__ if k in raw}
-    return AgentState(**known)
+    out = AgentState()
+    hid = raw.get("handover_id", out.handover_id)
+    if not isinstance(hid, str) or not hid or len(hid) > 128:
+        raise StateError(f"{where}: handover_id: expected a non-empty string")
+    phase = raw.get("phase", "new")
+    if not isinstance(phase, str) or phase not in ("new",) + PHASES:
+        raise StateError(f"{where}: phase: expected one of new, {', '.join(PHASES)}; "
+                         f"got {phase!r:.40}")
+    history = raw.get("history", [])
+    if not isinstance(history, list):
+        raise StateError(f"{where}: history: expected a list, got {type(history).__name__}")
+    for i, h in enumerate(history):
+        _check_record(h, f"{where}: history[{i}]",
+                      {"phase": str, "t": _is_number})
+    failure = raw.get("failure")
+    if failure is not None:
+        _check_record(failure, f"{where}: failure", {"phase": str, "reason": str})
+    aborted = raw.get("aborted", False)
+    if not isinstance(aborted, bool):
+        raise StateError(f"{where}: aborted: expected true or false, got {aborted!r:.40}")
+    for name in ("staged", "preflight"):
+        v = raw.get(name)
+        if v is not None and not isinstance(v, dict):
+            raise StateError(f"{where}: {name}: expected an object or null, "
+                             f"got {type(v).__name__}")
+    checks = (raw.get("preflight") or {}).get("checks", [])
+    if not isinstance(checks, list):
+        raise StateError(f"{where}: preflight.checks: expected a list")
+    for i, c in enumerate(checks):
+        _check_record(c, f"{where}: preflight.checks[{i}]",
+                      {"name": str, "ok": bool, "detail": str})
+    staged = raw.get("staged") or {}
+    for name in ("target", "running"):
+        if staged.get(name) is not None and not isinstance(staged[name], dict):
+            raise StateError(f"{where}: staged.{name}: expected an object or null")
+    for name in ("kernel", "sha256", "initrd", "cmdline"):
+        if staged.get(name) is not None and not isinstance(staged[name], str):
+            raise StateError(f"{where}: staged.{name}: expected a string or null")
+    return AgentState(handover_id=hid, phase=phase, history=history, failure=failure,
+                      aborted=aborted, staged=raw.get("staged"), preflight=raw.get("preflight"))
+
+
+def load_state(state_dir: str) -> AgentState:
+    """The current state, or a fresh one (new handover id) if none was saved; StateError
+    (naming the file and field) if state.json is unreadable or a field has the wrong type."""
+    path = os.path.join(state_dir, STATE_FILE)
+    raw = read_json(path)
+    if raw is None:
+        return AgentState()
+    return state_from_json(raw, path)
 
 
 def save_state(state_dir: str, st: AgentState) -> None:

@@ -17,9 +17,11 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from .errors import InputError
+
 __all__ = ["SpecError", "MemfdSpec", "SessionSpec", "WorkloadSpec", "parse_size", "load_spec",
-           "parse_spec", "make_memfd", "fill_pattern", "hash_fd", "pfn_runs", "runs_to_pfns",
-           "WorkloadRecord", "AGENT_SESSION", "JOURNAL_TOKEN"]
+           "parse_spec", "decode_spec", "make_memfd", "fill_pattern", "hash_fd", "pfn_runs",
+           "runs_to_pfns", "WorkloadRecord", "AGENT_SESSION", "JOURNAL_TOKEN"]
 
 AGENT_SESSION = "kho-agent"      # the agent's own LUO session (journal memfd)
 JOURNAL_TOKEN = 0x4B484F4A       # "KHOJ"
@@ -27,13 +29,15 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?i?B?)?\s*$", re.I)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-class SpecError(ValueError):
+class SpecError(ValueError, InputError):
     """A bad workload spec; the message names the file and field."""
 
 
 def parse_size(v: Any, where: str) -> int:
     """Bytes from 4096, "64MiB", "1G", ... (binary units)."""
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise SpecError(f"{where}: not a size: {v!r:.40} (e.g. 4096, 64MiB, 1GiB)")
+    if isinstance(v, int) and v >= 0:
         return v
     m = _SIZE.match(str(v))
     if not m:
@@ -68,6 +72,14 @@ class WorkloadSpec:
         return asdict(self)
 
 
+def _utf8_len(name: str) -> int:
+    """Length of `name` in UTF-8 bytes; -1 if it cannot be encoded (lone surrogates)."""
+    try:
+        return len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return -1
+
+
 def parse_spec(raw: Any, where: str = "spec") -> WorkloadSpec:
     """Validate a decoded spec, naming the offending field in errors."""
     if not isinstance(raw, dict) or not isinstance(raw.get("sessions"), list):
@@ -79,14 +91,17 @@ def parse_spec(raw: Any, where: str = "spec") -> WorkloadSpec:
         if not isinstance(s, dict):
             raise SpecError(f"{w}: expected a mapping")
         name = s.get("name")
-        if not isinstance(name, str) or not 0 < len(name.encode()) < 64:
-            raise SpecError(f"{w}.name: a name of 1..63 bytes is required")
+        if not isinstance(name, str) or not name.isprintable() or not 0 < _utf8_len(name) < 64:
+            raise SpecError(f"{w}.name: a printable name of 1..63 UTF-8 bytes is required")
         if name == AGENT_SESSION or name in seen_names:
             raise SpecError(f"{w}.name: {name!r} is reserved or used twice")
         seen_names.add(name)
         sess = SessionSpec(name)
         tokens: set[int] = set()
-        for j, m in enumerate(s.get("memfds") or []):
+        memfds = s.get("memfds") or []
+        if not isinstance(memfds, list):
+            raise SpecError(f"{w}.memfds: expected a list, got {type(memfds).__name__}")
+        for j, m in enumerate(memfds):
             wm = f"{w}.memfds[{j}]"
             if not isinstance(m, dict):
                 raise SpecError(f"{wm}: expected a mapping")
@@ -101,37 +116,54 @@ def parse_spec(raw: Any, where: str = "spec") -> WorkloadSpec:
             if tok in tokens:
                 raise SpecError(f"{wm}.token: {tok} used twice in session {name!r}")
             tokens.add(tok)
-            adopt = bool(m.get("adopt", False))
+            adopt = m.get("adopt", False)
+            if not isinstance(adopt, bool):
+                raise SpecError(f"{wm}.adopt: must be true or false, got {adopt!r:.40}")
             size = 0 if adopt else parse_size(m.get("size", 0), f"{wm}.size")
             if not adopt and size <= 0:
                 raise SpecError(f"{wm}.size: must be > 0 (or set adopt: true)")
             seed = m.get("seed", tok)
-            if not isinstance(seed, int):
+            if not isinstance(seed, int) or isinstance(seed, bool):
                 raise SpecError(f"{wm}.seed: must be an integer")
             sess.memfds.append(MemfdSpec(tok, size, seed, adopt))
         out.sessions.append(sess)
     return out
 
 
-def load_spec(path: str) -> WorkloadSpec:
-    """Read a spec file: JSON, or YAML if PyYAML is installed on this host."""
+def decode_spec(data: bytes, path: str) -> Any:
+    """The decoded document of spec file `path`: UTF-8 JSON, or YAML if PyYAML is installed
+    on this host. SpecError names the file for bytes that are neither."""
     try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise SpecError(f"{path}: {e.strerror}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not a text file (invalid UTF-8 at byte {e.start})") from None
+    if "\0" in text:
+        raise SpecError(f"{path}: not a text file (NUL byte at {text.index(chr(0))})")
     try:
-        raw = json.loads(text)
+        return json.loads(text)
+    except RecursionError:
+        raise SpecError(f"{path}: not JSON (nested too deeply)") from None
     except ValueError as je:
         try:
             import yaml  # type: ignore[import-untyped]
         except ImportError:
             raise SpecError(f"{path}: not JSON ({je}); YAML needs PyYAML on this host") from None
         try:
-            raw = yaml.safe_load(text)
+            return yaml.safe_load(text)
         except yaml.YAMLError as ye:
             raise SpecError(f"{path}: bad YAML: {str(ye).splitlines()[0]}") from None
-    return parse_spec(raw, path)
+        except (ValueError, TypeError, RecursionError) as ye:   # constructors (dates, ...)
+            raise SpecError(f"{path}: bad YAML: {ye}") from None
+
+
+def load_spec(path: str) -> WorkloadSpec:
+    """Read and validate a spec file; SpecError names the file (and the field)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SpecError(f"{path}: {e.strerror or e}") from None
+    return parse_spec(decode_spec(data, path), path)
 
 
 def fill_pattern(token: int, seed: int, size: int, page_size: int = 4096) -> bytes:
@@ -142,7 +174,7 @@ def fill_pattern(token: int, seed: int, size: int, page_size: int = 4096) -> byt
     data = bytearray(block * reps)
     del data[size:]
     stamp = struct.Struct("<QQ")
-    for i in range(0, size // page_size):
+    for i in range(size // page_size):
         stamp.pack_into(data, i * page_size, token, i)
     return bytes(data)
 

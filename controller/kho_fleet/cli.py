@@ -6,15 +6,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from kho_agent.abi.memory import MemoryReadError
 from kho_agent.inspect import InspectError, inspect_memory
 from kho_agent.physmem import open_memory
 
-from .sim.faults import ALL_FAULTS
-
 from .errors import EXIT_INPUT, EXIT_INTERNAL, Bug, InputError, KhoFleetError
+from .sim.faults import ALL_FAULTS
 
 EXIT_UNUSABLE = EXIT_INPUT
 
@@ -195,6 +194,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     """Roll the playbook's kernel across the inventory (or --resume ID)."""
     from .rollout import Rollout, RolloutFinished
     opts = _rollout_opts(args)
+    if getattr(args, "engine", "embedded") == "temporal":
+        return _temporal().rollout(args, opts, _summary)
     if args.metrics_port is not None:
         _check_listen(args.metrics_addr, args.metrics_port)
     if args.resume:
@@ -286,9 +287,25 @@ def _open_db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return StateDB.open(path)
 
 
+def _temporal() -> Any:
+    """The Temporal engine's commands, or one line saying how to install them."""
+    try:
+        from .temporal import commands
+    except ImportError as e:
+        raise CliError(f"--engine temporal needs the temporal extra: pip install "
+                       f"'kho-fleet[temporal]' ({e})") from None
+    return commands
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """A rollout's status, stages and hosts (default: the newest rollout)."""
-    db = _open_db(args)
+    if args.engine == "temporal":
+        return _temporal().status(args, _show_status)
+    return _show_status(_open_db(args), args)
+
+
+def _show_status(db: Any, args: argparse.Namespace, waiting: Optional[dict] = None) -> int:
+    """Print a rollout's status from `db` (a StateDB, or a Temporal rollout's Snapshot)."""
     r = db.rollout()
     mode = (r.options or {}).get("mode", "unrecorded")
     data = {"rollout": {"id": r.id, "status": r.status, "reason": r.reason, "mode": mode,
@@ -297,6 +314,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             "hosts": [{"name": h.name, "stage": h.stage_idx, "state": h.state, "error": h.error,
                        "downtime_s": h.downtime_s} for h in db.hosts()],
             "counts": db.counts()}
+    if waiting is not None:                      # the temporal engine: hosts without a worker
+        data["rollout"]["engine"] = "temporal"
+        for h in data["hosts"]:
+            h["waiting"] = waiting.get(h["name"])
     if args.json:
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -306,13 +327,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         for s in data["stages"]:
             print(f"  stage {s['name']}: {s['status']}")
         for h in data["hosts"]:
-            print(f"    {h['name']:<16} {h['state']:<16} {h['error'] or ''}")
+            print(f"    {h['name']:<16} {h['state']:<16} {h.get('waiting') or h['error'] or ''}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """(Re)write a rollout's fleet report (JSON, Markdown, HTML) and print where."""
     from .fleetreport import build_fleet_report, write_fleet_report
+    if args.engine == "temporal":
+        return _temporal().report(args, _summary)
     db = _open_db(args)
     fleet = build_fleet_report(db)
     out = os.path.join(args.reports_dir, db.rollout().id)
@@ -327,6 +350,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_abort(args: argparse.Namespace) -> int:
     """Abort a rollout: no host is kexec'd after this; hosts already past kexec finish."""
+    if args.engine == "temporal":
+        return _temporal().abort(args)
     db = _open_db(args)
     if db.rollout().final:
         raise CliError(f"rollout {db.rollout().id} is already {db.rollout().status}")
@@ -347,7 +372,7 @@ def cmd_sim_fleet(args: argparse.Namespace) -> int:
     from .rollout import DEFAULT_SIM_DIR
     args.sim_dir = args.sim_dir or DEFAULT_SIM_DIR
     check_dir_option("--sim-dir", args.sim_dir)
-    inv = load_inventory(args.inventory)
+    inv = load_inventory(args.inventory, check_files=args.sim_command == "up")
     try:
         if args.sim_command == "up":
             out = fleet_up(inv, args.sim_dir)
@@ -377,6 +402,27 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split("\n")).strip() or type(e).__name__
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run host steps for one site of Temporal rollouts (kho-fleet[temporal])."""
+    check_dir_option("--work-dir", args.work_dir)
+    if not 1 <= args.max_concurrent <= 4096:
+        raise CliError(f"--max-concurrent {args.max_concurrent}: 1..4096")
+    return _temporal().worker(args)
+
+
+def _engine_args(p: argparse.ArgumentParser, engine: bool = True) -> None:
+    """--engine, --temporal-address, --namespace (the temporal engine's; docs/scale.md)."""
+    if engine:
+        p.add_argument("--engine", choices=("embedded", "temporal"), default="embedded",
+                       help="embedded (SQLite in this process, the default) or temporal")
+    p.add_argument("--temporal-address", metavar="HOST:PORT",
+                   default=os.environ.get("KHO_FLEET_TEMPORAL_ADDRESS", "127.0.0.1:7233"),
+                   help="the Temporal frontend (default $KHO_FLEET_TEMPORAL_ADDRESS or "
+                        "127.0.0.1:7233)")
+    p.add_argument("--namespace", default="default", metavar="NS",
+                   help="the Temporal namespace (default: default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -423,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
         ro.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR")
         ro.add_argument("--pushgateway", type=_url, metavar="URL",
                         help="push the metrics here at the end")
+        if name == "rollout":
+            _engine_args(ro)
+            ro.add_argument("--worker-wait", type=_seconds, metavar="SECONDS",
+                            help="temporal: fail a host step no worker of its site takes "
+                                 "within this time (default 600)")
         ro.set_defaults(func=func)
     for name, func in (("status", cmd_status), ("report", cmd_report), ("abort", cmd_abort)):
         sp = sub.add_parser(name, parents=[dirs], help=func.__doc__.splitlines()[0],
@@ -430,7 +481,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("id", nargs="?", metavar="ID", help="rollout id (default: the newest)")
         if name == "abort":
             sp.add_argument("--reason", metavar="TEXT")
+        _engine_args(sp)
         sp.set_defaults(func=func)
+
+    wk = sub.add_parser("worker", help=cmd_worker.__doc__.splitlines()[0],
+                        description=cmd_worker.__doc__)
+    wk.add_argument("--site", default="default", metavar="NAME",
+                    help="run the steps of the hosts whose kho_site is NAME")
+    wk.add_argument("--work-dir", default=".kho-worker", metavar="DIR",
+                    help="where the worker builds each rollout's artifacts")
+    wk.add_argument("--max-concurrent", type=_int, default=64, metavar="N",
+                    help="host steps run at once")
+    _engine_args(wk, engine=False)
+    wk.set_defaults(func=cmd_worker, engine="temporal")
 
     sim = sub.add_parser("sim", help="the digital-twin fleet").add_subparsers(
         dest="sim_command", required=True, metavar="COMMAND")
@@ -455,6 +518,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    rc = _main(argv)
+    if argv is None and "temporalio.client" in sys.modules:
+        # temporalio's Rust threads can abort CPython's finalization (SIGABRT after the work
+        # is done: temporalio/sdk-python#300): the program skips the teardown
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from typing import Any, Iterable, Optional, Sequence
 
+from kho_agent.atomicfile import atomic_write
+
 from .metrics import DOWNTIME_BUCKETS, handover_downtime
 from .statedb import HostRow, StateDB
 
@@ -75,11 +77,7 @@ def controller_timings(row: HostRow) -> dict:
 
 
 def _write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode("utf-8"))
 
 
 def write_host_report(out_dir: str, host: str, agent_report: Optional[dict],

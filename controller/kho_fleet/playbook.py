@@ -18,15 +18,22 @@
 Decisions:
 - `kernel: twin:<release>` names a digital-twin kernel image with that release, built on
   demand by kho_fleet.sim.kernelimage (deterministic bytes). It can only be rolled out to
-  `kho_transport: sim` hosts; its sha256 is optional (checked after the build if given).
+  `kho_transport: sim` hosts. It takes no sha256: the image is generated, so a pin could
+  not hold and would only look like a check (a pin given is refused).
 - A kernel *file* must be pinned by sha256; nothing is computed and pinned silently, so the
   image that was reviewed is the image that boots. Loading a playbook does not read the
   kernel (it may live on another machine); `Target.check_files()` hashes it at rollout start.
 - Stages take hosts in inventory order from the play's `hosts:` pattern, each taking only
   hosts no earlier stage took: `hosts: N` the next N, `hosts: "P%"` ceil(P% of the whole
   play) but at least 1, `hosts: <pattern>` (a group, host or list) the remaining hosts it
-  matches, `hosts: rest` (or no `hosts:`, last stage only) all that remain. A stage may come
-  out empty; hosts no stage takes are left alone.
+  matches, `hosts: rest` (or no `hosts:`, last stage only) all that remain. A count or a
+  percentage asking for more hosts than remain is refused (a canary of 0 hosts would pass
+  its gate vacuously); a pattern or `rest` stage may come out empty. Hosts no stage takes
+  are left alone.
+- Every count and duration is bounded (LIMITS below, each named in its message): stages,
+  host counts, max_parallel, max_failed_hosts, durations (> 0, at most 7 days; pause >= 0),
+  workload sessions, memfds and their sizes. A sim host's RAM is known, so workloads that
+  cannot fit in it (>= kho_sim_ram_mib) are refused when hosts are assigned.
 - Gates are judged per stage, over that stage's hosts. Defaults: min_success_ratio 1.0,
   all_workloads_verified true, no downtime or failed-host limit. `pause` (seconds, or
   `manual` for an operator's go-ahead) is waited after a stage passes its gate.
@@ -38,14 +45,24 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Optional, Union
 
+from kho_agent.digest import sha256_file
 from kho_agent.workload import SpecError, WorkloadSpec, parse_spec
 
-from .inventory import Inventory, InventoryError, YamlDoc, load_yaml
-from kho_agent.digest import sha256_file
+from .errors import InputError
+from .inventory import (
+    MAX_HOSTS,
+    MAX_SECONDS,
+    Inventory,
+    InventoryError,
+    YamlDoc,
+    load_yaml,
+    one_line,
+)
 
 __all__ = ["PlaybookError", "Target", "Gate", "Stage", "Timeouts", "Playbook", "load_playbook",
            "TWIN_SCHEME", "ON_FAILURE"]
@@ -57,9 +74,18 @@ _RELEASE = re.compile(r"^[A-Za-z0-9._+\-]+$")
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 _PATTERN = re.compile(r"^[A-Za-z0-9_.\-*?!&,:\[\] ]+$")
 
+# --- limits (named in every message that enforces one) -------------------------------------
+MAX_STAGES = 1000
+MAX_PARALLEL = 1024              # hosts driven at once in one stage (one thread each)
+MAX_SESSIONS = 256               # workload sessions
+MAX_MEMFDS = 1024                # memfds per session
+MAX_MEMFD_BYTES = 1 << 40        # one memfd: 1 TiB
+MAX_WORKLOAD_BYTES = 1 << 40     # all memfds together: 1 TiB
+MAX_TEXT = 4096                  # names, patterns, paths, command lines (characters)
 
-class PlaybookError(ValueError):
-    """A bad playbook; the one-line message starts with `file:line:`."""
+
+class PlaybookError(InputError, ValueError):
+    """A bad playbook; the one-line message starts with `file:line:` (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +114,9 @@ class Target:
             if path is None or (what == "kernel" and self.is_twin):
                 continue
             try:
+                if not stat.S_ISREG(os.stat(path).st_mode):     # a FIFO or device would hang
+                    raise PlaybookError(f"{self.where[what]}: target.{what}: {path}: not a "
+                                        "regular file")
                 got = sha256_file(path)
             except OSError as e:
                 raise PlaybookError(f"{self.where[what]}: target.{what}: {path}: "
@@ -162,14 +191,31 @@ class Playbook:
                         f"{self.target.where['kernel']}: target.kernel: {self.target.kernel} "
                         f"is a twin image, but host {n!r} has kho_transport: "
                         f"{inventory.hosts[n].transport} (twin images go to sim hosts only)")
+        need = self.workloads.total_bytes
+        for n in play:                      # a twin's RAM is known: the workloads must fit
+            h = inventory.hosts[n]
+            if h.transport == "sim" and need >= h.sim_ram_mib << 20:
+                raise PlaybookError(
+                    f"{self.where.get('workloads', self.where['hosts'])}: workloads: "
+                    f"{need} bytes do not fit in sim host {n!r}'s RAM (kho_sim_ram_mib: "
+                    f"{h.sim_ram_mib} in {inventory.path})")
         remaining = list(play)
         out: list[list[str]] = []
         for st in self.stages:
-            if st.select == "count":
-                take = remaining[:int(st.value)]                     # type: ignore[arg-type]
-            elif st.select == "percent":
-                n = max(1, math.ceil(Fraction(str(st.value)) * len(play) / 100))
-                take = remaining[:n]
+            if st.select in ("count", "percent"):
+                want: int
+                if st.select == "count":
+                    want = int(st.value)                             # type: ignore[arg-type]
+                    asked = f"{want}"
+                else:
+                    want = max(1, math.ceil(Fraction(str(st.value)) * len(play) / 100))
+                    asked = f"{st.value:g}% of the play's {len(play)} hosts = {want}"
+                if want > len(remaining):
+                    raise PlaybookError(
+                        f"{st.where}: stage {st.name!r}: hosts: asks for {asked} hosts, but "
+                        f"only {len(remaining)} of the play's {len(play)} hosts "
+                        f"({self.hosts!r} in {inventory.path}) are left for it")
+                take = remaining[:want]
             elif st.select == "pattern":
                 try:
                     names = {h.name for h in inventory.hosts_matching(str(st.value))}
@@ -192,6 +238,12 @@ _TIMEOUTS = ("ssh_s", "boot_s", "verify_s")
 _SPEC_ERR = re.compile(r"^workloads: sessions\[(\d+)\](?:\.memfds\[(\d+)\])?(?:\.(\w+))?: (.*)$")
 
 
+def _short(v: Any, limit: int = 80) -> str:
+    """repr(v), cut to `limit` characters (a message quotes the value, which may be huge)."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -210,26 +262,34 @@ class _Checker:
 
     def string(self, path: tuple, v: Any) -> str:
         if not isinstance(v, str) or not v.strip():
-            self.doc.fail(path, f"must be a non-empty string, got {v!r}")
+            self.doc.fail(path, f"must be a non-empty string, got {_short(v)}")
+        if "\0" in v or len(v) > MAX_TEXT:
+            self.doc.fail(path, f"must be a string without NUL of at most {MAX_TEXT} "
+                                f"characters, got {_short(v)}")
         return v
 
-    def pos_int(self, path: tuple, v: Any) -> int:
+    def pos_int(self, path: tuple, v: Any, most: int) -> int:
         if not _is_int(v) or v < 1:
-            self.doc.fail(path, f"must be a positive integer, got {v!r}")
+            self.doc.fail(path, f"must be a positive integer, got {_short(v)}")
+        if v > most:
+            self.doc.fail(path, f"must be a positive integer, got {v} (at most {most})")
         return v
 
     def seconds(self, path: tuple, v: Any) -> float:
-        if not _is_num(v) or v <= 0:
-            self.doc.fail(path, f"must be a positive number of seconds, got {v!r}")
+        if not _is_num(v) or not 0 < v <= MAX_SECONDS:
+            self.doc.fail(path, f"must be a positive number of seconds, got {_short(v)} "
+                                f"(range: > 0 and at most {MAX_SECONDS}, 7 days)")
         return float(v)
 
     def sha(self, path: tuple, v: Any) -> str:
         if not isinstance(v, str) or not _HEX64.match(v):
-            self.doc.fail(path, f"must be 64 hex digits (a sha256), got {v!r}")
+            self.doc.fail(path, f"must be 64 hex digits (a sha256), got {_short(v)}")
         return v.lower()
 
     def file(self, path: tuple, v: Any) -> str:
         self.string(path, v)
+        if "\n" in v or "\r" in v:
+            self.doc.fail(path, f"must be a path of one line, got {_short(v)}")
         return os.path.normpath(os.path.join(self.base, os.path.expanduser(v)))
 
     def run(self) -> Playbook:
@@ -237,19 +297,20 @@ class _Checker:
         top = doc.mapping((), doc.data, _TOP, required=("name", "target", "stages"))
         name = self.string(("name",), top["name"])
         hosts = top.get("hosts", "all")
-        if not isinstance(hosts, str) or not _PATTERN.match(hosts):
+        if not isinstance(hosts, str) or not _PATTERN.match(hosts) or len(hosts) > MAX_TEXT:
             doc.fail(("hosts",), f"must be an inventory pattern like 'all' or 'rack-a,rack-b', "
-                                 f"got {hosts!r}")
+                                 f"got {_short(hosts)} (at most {MAX_TEXT} characters)")
         target = self.target(top["target"])
         workloads = self.workloads(top.get("workloads"))
         stages = self.stages(top["stages"])
         on_failure = top.get("on_failure", "halt")
         if on_failure not in ON_FAILURE:
             doc.fail(("on_failure",), "must be one of " + ", ".join(ON_FAILURE)
-                     + f", got {on_failure!r}")
+                     + f", got {_short(on_failure)}")
         t = doc.mapping(("timeouts",), top.get("timeouts"), _TIMEOUTS)
         timeouts = Timeouts(**{k: self.seconds(("timeouts", k), v) for k, v in t.items()})
-        where = {"hosts": self.where(("hosts",)) if "hosts" in top else f"{doc.path}:1"}
+        where = {"hosts": self.where(("hosts",)) if "hosts" in top else f"{doc.path}:1",
+                 "workloads": self.where(("workloads",))}
         return Playbook(doc.path, name, hosts, target, workloads, stages, on_failure, timeouts,
                         where=where)
 
@@ -261,9 +322,13 @@ class _Checker:
         where = {k: self.where(("target", k)) for k in _TARGET}
         if kernel.startswith(TWIN_SCHEME):
             release = kernel[len(TWIN_SCHEME):]
-            if not _RELEASE.match(release):
-                doc.fail(kp, f"twin:<release> needs a kernel release like twin:7.2.14-twin, "
-                             f"got {kernel!r}")
+            if not _RELEASE.match(release) or len(release) > 64:
+                doc.fail(kp, f"twin:<release> needs a kernel release like twin:7.2.14-twin "
+                             f"(at most 64 characters), got {_short(kernel)}")
+            if t.get("sha256") is not None:
+                doc.fail(("target", "sha256"), f"a twin kernel ({kernel}) is generated on "
+                                               "demand, so a sha256 pin cannot hold; remove "
+                                               "target.sha256 (pins are for kernel files)")
         else:
             kernel = self.file(kp, kernel)
             if t.get("sha256") is None:
@@ -277,9 +342,11 @@ class _Checker:
                 doc.fail(("target", "initrd_sha256"), "given without target.initrd")
             isha = self.sha(("target", "initrd_sha256"), isha)
         cmdline = t.get("cmdline", "reuse")
-        if not isinstance(cmdline, str) or not cmdline.strip():
-            doc.fail(("target", "cmdline"), f"must be 'reuse' or a kernel command line, "
-                                            f"got {cmdline!r}")
+        if (not isinstance(cmdline, str) or not cmdline.strip() or len(cmdline) > MAX_TEXT
+                or any(c in cmdline for c in "\0\n\r")):
+            doc.fail(("target", "cmdline"), f"must be 'reuse' or a kernel command line (one "
+                                            f"line, at most {MAX_TEXT} characters), got "
+                                            f"{_short(cmdline)}")
         return Target(kernel, sha, initrd, isha, None if cmdline == "reuse" else cmdline, where)
 
     def workloads(self, raw: Any) -> WorkloadSpec:
@@ -290,17 +357,24 @@ class _Checker:
         sessions = w["sessions"]
         if not isinstance(sessions, list):
             doc.fail(("workloads", "sessions"), f"expected a list, got {type(sessions).__name__}")
+        if len(sessions) > MAX_SESSIONS:
+            doc.fail(("workloads", "sessions"), f"{len(sessions)} sessions: at most "
+                                                f"{MAX_SESSIONS} sessions")
         for i, s in enumerate(sessions):
             sp = ("workloads", "sessions", i)
             s = doc.mapping(sp, s, ("name", "memfds"), required=("name",))
             memfds = s.get("memfds")
             if memfds is not None and not isinstance(memfds, list):
                 doc.fail(sp + ("memfds",), f"expected a list, got {type(memfds).__name__}")
+            if memfds is not None and len(memfds) > MAX_MEMFDS:
+                doc.fail(sp + ("memfds",), f"{len(memfds)} memfds: at most {MAX_MEMFDS} per "
+                                           "session")
             for j, m in enumerate(memfds or []):
-                doc.mapping(sp + ("memfds", j), m, ("token", "size", "seed", "adopt"),
-                            required=("token",))
+                mp = sp + ("memfds", j)
+                m = doc.mapping(mp, m, ("token", "size", "seed", "adopt"), required=("token",))
+                self.memfd_fields(mp, m)
         try:
-            return parse_spec(w, "workloads")
+            spec = parse_spec(w, "workloads")
         except SpecError as e:
             m = _SPEC_ERR.match(str(e))
             if not m:
@@ -311,11 +385,43 @@ class _Checker:
             if m.group(3):
                 path += (m.group(3),)
             doc.fail(path, m.group(4))
+        for i, sess in enumerate(spec.sessions):
+            for j, mf in enumerate(sess.memfds):
+                if mf.size > MAX_MEMFD_BYTES:
+                    doc.fail(("workloads", "sessions", i, "memfds", j, "size"),
+                             f"{mf.size} bytes: at most {MAX_MEMFD_BYTES} bytes (1 TiB) per memfd")
+        if spec.total_bytes > MAX_WORKLOAD_BYTES:
+            doc.fail(("workloads",), f"{spec.total_bytes} bytes in all: at most "
+                                     f"{MAX_WORKLOAD_BYTES} bytes (1 TiB) of workloads")
+        return spec
+
+    def memfd_fields(self, path: tuple, m: dict) -> None:
+        """Types and ranges parse_spec does not check (or checks only after costly parsing)."""
+        doc = self.doc
+        tok = m.get("token")
+        if isinstance(tok, str) and len(tok) > 24:
+            doc.fail(path + ("token",), f"an integer token (u64) is required, got {_short(tok)}")
+        size = m.get("size")
+        if isinstance(size, bool) or (size is not None and not isinstance(size, (int, str))):
+            doc.fail(path + ("size",), f"not a size: {_short(size)} (e.g. 4096, 64MiB, 1GiB)")
+        if isinstance(size, str) and len(size) > 24:
+            doc.fail(path + ("size",), f"not a size: {_short(size)} (e.g. 4096, 64MiB, 1GiB)")
+        if isinstance(size, int) and size > MAX_MEMFD_BYTES:
+            doc.fail(path + ("size",), f"{size} bytes: at most {MAX_MEMFD_BYTES} bytes (1 TiB) "
+                                       "per memfd")
+        if "seed" in m:
+            seed = m["seed"]
+            if not _is_int(seed) or not 0 <= seed < 1 << 64:
+                doc.fail(path + ("seed",), f"must be an integer in 0..2**64-1, got {_short(seed)}")
+        if "adopt" in m and not isinstance(m["adopt"], bool):
+            doc.fail(path + ("adopt",), f"must be true or false, got {_short(m['adopt'])}")
 
     def stages(self, raw: Any) -> list[Stage]:
         doc = self.doc
         if not isinstance(raw, list) or not raw:
             doc.fail(("stages",), "must be a non-empty list of stages")
+        if len(raw) > MAX_STAGES:
+            doc.fail(("stages",), f"{len(raw)} stages: at most {MAX_STAGES} stages")
         out: list[Stage] = []
         names: dict[str, int] = {}
         for i, s in enumerate(raw):
@@ -327,13 +433,16 @@ class _Checker:
             names[name] = i
             last = i == len(raw) - 1
             select, value = self.selection(p + ("hosts",), s.get("hosts"), last)
-            max_parallel = self.pos_int(p + ("max_parallel",), s.get("max_parallel", 1))
+            max_parallel = self.pos_int(p + ("max_parallel",), s.get("max_parallel", 1),
+                                        MAX_PARALLEL)
             gate = self.gate(p + ("gate",), s.get("gate"))
-            pause: Union[float, str] = s.get("pause", 0)
-            if pause != "manual":
-                if not _is_num(pause) or pause < 0:
-                    doc.fail(p + ("pause",), f"must be seconds (>= 0) or 'manual', got {pause!r}")
-                pause = float(pause)
+            raw_pause: Any = s.get("pause", 0)
+            pause: Union[float, str] = "manual"
+            if raw_pause != "manual":
+                if not _is_num(raw_pause) or not 0 <= raw_pause <= MAX_SECONDS:
+                    doc.fail(p + ("pause",), f"must be seconds (>= 0) or 'manual', got "
+                                             f"{_short(raw_pause)} (at most {MAX_SECONDS}, 7 days)")
+                pause = float(raw_pause)
             out.append(Stage(name, select, value, max_parallel, gate, pause,
                              self.where(p + ("hosts",) if "hosts" in s else p)))
         return out
@@ -348,6 +457,9 @@ class _Checker:
         if _is_int(v):
             if v < 1:
                 doc.fail(path, f"must be a positive host count, got {v!r}")
+            if v > MAX_HOSTS:
+                doc.fail(path, f"must be a positive host count, got {v} (at most {MAX_HOSTS} "
+                               "hosts)")
             return "count", v
         if isinstance(v, str):
             m = _PERCENT.match(v)
@@ -356,10 +468,10 @@ class _Checker:
                 if not 0 < pct <= 100:
                     doc.fail(path, f"a percentage must be in (0, 100], got {v!r}")
                 return "percent", pct
-            if _PATTERN.match(v) and "%" not in v:
+            if _PATTERN.match(v) and "%" not in v and len(v) <= MAX_TEXT:
                 return "pattern", v.strip()
         doc.fail(path, "must be a host count, a percentage like '25%', a group or host "
-                       f"pattern, or 'rest', got {v!r}")
+                       f"pattern, or 'rest', got {_short(v)}")
 
     def gate(self, path: tuple, raw: Any) -> Gate:
         doc = self.doc
@@ -368,7 +480,8 @@ class _Checker:
         if "min_success_ratio" in g:
             v = g["min_success_ratio"]
             if not _is_num(v) or not 0 <= v <= 1:
-                doc.fail(path + ("min_success_ratio",), f"must be a number in 0..1, got {v!r}")
+                doc.fail(path + ("min_success_ratio",), f"must be a number in 0..1, got "
+                                                        f"{_short(v)}")
             kw["min_success_ratio"] = float(v)
         if g.get("max_downtime_p95_s") is not None:
             kw["max_downtime_p95_s"] = self.seconds(path + ("max_downtime_p95_s",),
@@ -376,13 +489,15 @@ class _Checker:
         if "all_workloads_verified" in g:
             v = g["all_workloads_verified"]
             if not isinstance(v, bool):
-                doc.fail(path + ("all_workloads_verified",), f"must be true or false, got {v!r}")
+                doc.fail(path + ("all_workloads_verified",), f"must be true or false, got "
+                                                             f"{_short(v)}")
             kw["all_workloads_verified"] = v
         if g.get("max_failed_hosts") is not None:
             v = g["max_failed_hosts"]
-            if not _is_int(v) or v < 0:
+            if not _is_int(v) or not 0 <= v <= MAX_HOSTS:
                 doc.fail(path + ("max_failed_hosts",),
-                         f"must be a non-negative integer, got {v!r}")
+                         f"must be a non-negative integer, got {_short(v)} (at most "
+                         f"{MAX_HOSTS})")
             kw["max_failed_hosts"] = v
         return Gate(**kw)
 
@@ -391,6 +506,9 @@ def load_playbook(path: str) -> Playbook:
     """Read and check a playbook; PlaybookError('file:line: field: problem') if bad."""
     doc = load_yaml(path, PlaybookError)
     pb = _Checker(doc).run()
-    pb.sha256 = sha256_file(path)
+    try:
+        pb.sha256 = sha256_file(path)
+    except OSError as e:
+        raise PlaybookError(one_line(f"{path}: {e.strerror or e}")) from None
     return pb
 

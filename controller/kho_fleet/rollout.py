@@ -9,9 +9,6 @@ a host twice: a host found past that point is reconnected and verified.
 
 from __future__ import annotations
 
-from .errors import InputError, KhoFleetError
-
-import json
 import os
 import threading
 import time
@@ -21,14 +18,17 @@ from typing import Any, Callable, Optional
 
 from . import lifecycle
 from .artifacts import Artifacts, build_artifacts
+from .errors import InputError
 from .fleetreport import percentile
-from .hostaccess import AccessOptions, AgentCall, HostAccess, host_access
+from .hostaccess import AccessOptions, HostAccess, host_access
+from .hoststeps import HostFailed, HostRun, HostSteps, StepResult
 from .inventory import Inventory, load_inventory
 from .playbook import Gate, Playbook, load_playbook
-from .statedb import StateDB
+from .statedb import HostRow, StateDB
 from .transport import HostUnreachable, TransportError
 
-__all__ = ["RolloutError", "RolloutFinished", "RolloutOptions", "DEFAULT_SIM_DIR", "Rollout", "judge_gate"]
+__all__ = ["RolloutError", "RolloutFinished", "RolloutOptions", "DEFAULT_SIM_DIR", "Rollout",
+           "judge_gate", "host_result", "HostFailed"]
 
 Progress = Callable[[str, str, str], None]      # (host, state, detail)
 
@@ -93,8 +93,9 @@ def judge_gate(gate: Gate, results: list[dict]) -> dict:
     downs = [r["downtime_s"] for r in considered if r.get("downtime_s") is not None]
     p95 = percentile(downs, 95)
     all_verified = all(r.get("workloads_ok", False) for r in considered)
-    criteria = {"min_success_ratio": {"want": gate.min_success_ratio, "got": round(ratio, 4),
-                                      "ok": ratio >= gate.min_success_ratio}}
+    criteria: dict[str, dict[str, Any]] = {
+        "min_success_ratio": {"want": gate.min_success_ratio, "got": round(ratio, 4),
+                              "ok": ratio >= gate.min_success_ratio}}
     if gate.max_downtime_p95_s is not None:
         criteria["max_downtime_p95_s"] = {"want": gate.max_downtime_p95_s, "got": p95,
                                           "ok": p95 is not None and p95 <= gate.max_downtime_p95_s}
@@ -110,20 +111,17 @@ def judge_gate(gate: Gate, results: list[dict]) -> dict:
                 f"{k} wants {criteria[k]['want']}, got {criteria[k]['got']}" for k in failing)}
 
 
-class HostFailed(KhoFleetError):
-    def __init__(self, phase: str, reason: str, report: Optional[dict] = None) -> None:
-        super().__init__(reason)
-        self.phase = phase
-        self.report = report
-
-
-@dataclass
-class _HostRun:
-    """What one drive of a host carries between its steps."""
-
-    marker: Optional[str] = None            # the boot marker before the kexec
-    values: Optional[dict[str, Any]] = None  # the agent steps' named arguments (pushed files)
-    report: Optional[dict] = None
+def host_result(h: HostRow) -> dict:
+    """What a stage's gate judges of one host: {host, state, result, downtime_s,
+    workloads_ok} (judge_gate's input; every engine builds it here)."""
+    rep = h.report or {}
+    ws = rep.get("workloads") or []
+    return {"host": h.name, "state": h.state, "result": rep.get("result") or
+            ("success" if h.state == "reported" else "failed"),
+            "downtime_s": h.downtime_s if h.downtime_s is not None else
+            (rep.get("downtime") or {}).get("blackout_s"),
+            "workloads_ok": bool(ws) and all(w.get("verified") for w in ws)
+            or (not ws and rep.get("result") == "success")}
 
 
 class Rollout:
@@ -145,7 +143,7 @@ class Rollout:
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
-    def start(cls, playbook_path: str, inventory_path: str, opts: RolloutOptions) -> "Rollout":
+    def start(cls, playbook_path: str, inventory_path: str, opts: RolloutOptions) -> Rollout:
         """Check the inputs and create the rollout's state (nothing touches a host yet)."""
         inv = load_inventory(inventory_path)
         pb = load_playbook(playbook_path)
@@ -161,7 +159,7 @@ class Rollout:
         return cls(db, pb, inv, opts)
 
     @classmethod
-    def resume(cls, rollout_id: str, opts: RolloutOptions) -> "Rollout":
+    def resume(cls, rollout_id: str, opts: RolloutOptions) -> Rollout:
         """Reopen a rollout in its recorded mode; its playbook and inventory must be unchanged.
 
         RolloutFinished when it already ended; RolloutError when it cannot be resumed as asked
@@ -181,8 +179,9 @@ class Rollout:
         for what, got, want in (("playbook", pb.sha256, row.playbook_sha256),
                                 ("inventory", inv.sha256, row.inventory_sha256)):
             if got != want:
+                where = row.playbook_path if what == "playbook" else row.inventory_path
                 raise RolloutError(f"rollout {rollout_id}: the {what} changed since it started "
-                                   f"({row.playbook_path if what == 'playbook' else row.inventory_path})")
+                                   f"({where})")
         if row.status == "halted":
             db.set_status("running", "resumed")
         db.log("resumed", "dry run" if opts.dry_run else None)
@@ -219,14 +218,15 @@ class Rollout:
         self._note(host, state)
 
     # --- one host -------------------------------------------------------------------------
-    def _step(self, acc: HostAccess, step: str, *args: str, timeout: float = 300.0) -> AgentCall:
-        call = acc.agent(step, *args, timeout=timeout)
-        self.db.log(f"agent {step}", f"rc {call.rc} in {call.seconds:.2f}s"
-                    + (f": {call.reason}" if call.rc else ""), host=acc.name)
-        if call.rc != 0:
-            keeps = step in lifecycle.STEP_NAMES and lifecycle.step(step).report_on_failure
-            raise HostFailed(step, call.reason, call.json if keeps else None)
-        return call
+    def _steps(self, name: str, acc: HostAccess) -> HostSteps:
+        """The lifecycle's steps on `name`, logging to this rollout's state; the at-most-once
+        step's state (and the boot marker) is committed here before that step is sent."""
+        def commit_first(state: str, marker: str) -> None:
+            self.db.log("boot_marker", marker, host=name)
+            self._move(name, state)
+        return HostSteps(acc, self.artifacts(), self.pb, self.inv.hosts[name],
+                         log=lambda event, detail: self.db.log(event, detail, host=name),
+                         commit_first=commit_first)
 
     def run_host(self, name: str) -> None:
         """Drive one host through the lifecycle table as far as its state allows.
@@ -239,11 +239,11 @@ class Rollout:
             return
         acc: Optional[HostAccess] = None
         current = lifecycle.LIFECYCLE[0]
-        run = _HostRun()
+        run = HostRun()
         try:
             acc = self._access(name)
-            acc.t.connect()
-            acc.push_agent(self.artifacts().agent)
+            steps = self._steps(name, acc)
+            steps.connect()
             if action == "reconnect_verify":
                 run.marker = self._last_marker(name)
                 self.db.log("reconnect", f"resuming after kexec (boot marker {run.marker})",
@@ -256,11 +256,12 @@ class Rollout:
                     return
                 if current.abort_point and self._aborted():
                     return
-                fields = self._perform(name, acc, current, run)
-                if fields is None:
-                    return                                  # finished: the report is written
+                result = steps.perform(current, run)
+                if result.done:
+                    self._finish(name, result)              # reported or failed: report written
+                    return
                 if current.to is not None:
-                    self._move(name, current.to, **fields)
+                    self._move(name, current.to, **result.fields)
         except HostFailed as e:
             self._fail(name, e.phase, str(e), e.report)
         except (TransportError, OSError) as e:
@@ -270,63 +271,8 @@ class Rollout:
             if acc is not None:
                 acc.close()
 
-    def _values(self, name: str, acc: HostAccess) -> dict[str, Any]:
-        """The named arguments of the lifecycle's agent steps for `name` (pushed once)."""
-        art = self.artifacts()
-        t = self.pb.target
-        return {"kernel": acc.push(art.kernel), "spec": acc.push(art.spec),
-                "initrd": acc.push(art.initrd) if art.initrd else None,
-                "page_size": self.inv.hosts[name].page_size, "sha256": t.sha256,
-                "cmdline": t.cmdline}
-
-    def _timeout(self, name: str, which: str) -> float:
-        t = self.pb.timeouts
-        return {"step": 300.0, "kexec": t.ssh_s + 30, "verify": t.verify_s,
-                "boot": self.inv.hosts[name].boot_timeout or t.boot_s}[which]
-
-    def _perform(self, name: str, acc: HostAccess, s: lifecycle.Step,
-                 run: "_HostRun") -> Optional[dict[str, Any]]:
-        """Carry out one step; the fields for entering its `to` state, or None when the
-        host's handover is finished (reported or failed, report written)."""
-        if s.kind == "begin":
-            return {}
-        if s.kind == "wait_back":
-            timeout = self._timeout(name, "boot")
-            try:
-                acc.wait_back(run.marker, timeout)
-            except HostUnreachable:
-                raise HostFailed(s.failure_phase, f"host did not come back within {timeout:.0f}s "
-                                 "after kexec") from None
-            return {"back_at": time.time()}
-        if s.kind == "finish":
-            self._finish(name, acc, run.report)
-            return None
-        if s.args and run.values is None:
-            run.values = self._values(name, acc)
-        fields: dict[str, Any] = {}
-        if s.commit_first is not None:                     # the at-most-once step: commit first
-            run.marker = acc.boot_marker()
-            self.db.log("boot_marker", run.marker, host=name)
-            self._move(name, s.commit_first)
-            t_last = time.time()
-            fields = {"last_contact": t_last, "kexec_started_at": t_last}
-        try:
-            self._step(acc, s.name, *lifecycle.agent_argv(s, run.values or {}),
-                       timeout=self._timeout(name, s.timeout))
-        except HostUnreachable as e:
-            if not s.unreachable_ok:
-                raise
-            self.db.log(f"{s.name} connection dropped", str(e), host=name)
-        except HostFailed as e:
-            if s.report_on_failure and e.report is not None:
-                # the agent ran the step and found a problem: its report says which
-                self._finish(name, acc, e.report)
-                return None
-            raise
-        return fields
-
-    def _finish(self, name: str, acc: HostAccess, verified: Optional[dict]) -> None:
-        rep = self._step(acc, "report").json or verified or {}
+    def _finish(self, name: str, result: StepResult) -> None:
+        rep = result.finished or {}
         row = self.db.host(name)
         path = self._write_host_report(name, rep)
         if rep.get("result") == "success":
@@ -373,17 +319,7 @@ class Rollout:
 
     # --- stages ---------------------------------------------------------------------------
     def _stage_results(self, idx: int) -> list[dict]:
-        out = []
-        for h in self.db.hosts(stage=idx):
-            rep = h.report or {}
-            ws = rep.get("workloads") or []
-            out.append({"host": h.name, "state": h.state, "result": rep.get("result") or
-                        ("success" if h.state == "reported" else "failed"),
-                        "downtime_s": h.downtime_s if h.downtime_s is not None else
-                        (rep.get("downtime") or {}).get("blackout_s"),
-                        "workloads_ok": bool(ws) and all(w.get("verified") for w in ws)
-                        or (not ws and rep.get("result") == "success")})
-        return out
+        return [host_result(h) for h in self.db.hosts(stage=idx)]
 
     def run(self) -> dict:
         """Drive every stage; returns the fleet report.
@@ -407,7 +343,7 @@ class Rollout:
         try:
             if self.db.rollout().status == "running":
                 self._set_status("halted", reason)
-        except Exception:       # noqa: BLE001 - the original error is what gets reported
+        except Exception:
             pass
 
     def _run(self) -> dict:
@@ -485,21 +421,21 @@ class Rollout:
             release = frm.get("release")
             acc = self._access(name)
             try:
-                acc.t.connect()
-                acc.push_agent(self.artifacts().agent)
+                steps = self._steps(name, acc)
+                steps.connect()
                 image = f"/boot/vmlinuz-{release}"
                 spec = acc.push(self.artifacts().spec)
                 for step, args in (("stage", ("--kernel", image)), ("preserve", ("--spec", spec)),
                                    ("snapshot", ())):
-                    self._step(acc, step, *args)
+                    steps.agent(step, *args)
                 marker = acc.boot_marker()
                 try:
-                    self._step(acc, "kexec", "--yes")
+                    steps.agent("kexec", "--yes")
                 except HostUnreachable:
                     pass
-                acc.wait_back(marker, self.inv.hosts[name].boot_timeout or self.pb.timeouts.boot_s)
-                self._step(acc, "verify", timeout=self.pb.timeouts.verify_s)
-                rep = self._step(acc, "report").json
+                acc.wait_back(marker, steps.timeout("boot"))
+                steps.agent("verify", timeout=steps.timeout("verify"))
+                rep = steps.agent("report").json
                 self.db.log("rolled back", f"to {release}: {rep.get('result')}", host=name)
             except (HostFailed, TransportError, OSError) as e:
                 self.db.log("rollback failed", str(e), host=name)

@@ -1,9 +1,8 @@
-"""Flattened devicetree (FDT) reader and writer: strict, bounds-checked, no dependencies.
+"""Flattened devicetree (FDT) reader: strict, bounds-checked, no dependencies.
 
 Follows the devicetree specification v0.4, chapter 5 (the format libfdt implements in
-scripts/dtc/libfdt/ of the kernel source). KHO writes its root FDT with libfdt's
-sequential-write API, then grows it with fdt_add_subnode()/fdt_setprop(); `build_fdt`
-can reproduce that byte for byte (see kho.py).
+scripts/dtc/libfdt/ of the kernel source). The writer (`build_fdt`, which reproduces the
+kernel's KHO root FDT byte for byte) is in abi/encode/fdt.py: only the twin and tests write.
 
 A *tolerant* parse accepts a blob cut short (the real debugfs kho/out/fdt is: its size is
 fixed when KHO initialises and later subtrees grow the FDT but not the file). It decodes
@@ -15,7 +14,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Optional
+
+from ..errors import InputError
 
 __all__ = [
     "FDT_MAGIC",
@@ -26,7 +27,6 @@ __all__ = [
     "Fdt",
     "parse_fdt",
     "parse_header",
-    "build_fdt",
 ]
 
 FDT_MAGIC = 0xD00DFEED
@@ -40,7 +40,7 @@ HEADER_SIZE = _HEADER.size  # 40
 _MAX_DEPTH = 64  # libfdt's FDT_MAX_DEPTH is 32; be a little more lenient, still bounded.
 
 
-class FdtError(ValueError):
+class FdtError(ValueError, InputError):
     """The blob is not a well-formed FDT; the message says where."""
 
 
@@ -86,7 +86,7 @@ class FdtNode:
 
     name: str
     props: list[FdtProperty] = field(default_factory=list)
-    children: list["FdtNode"] = field(default_factory=list)
+    children: list[FdtNode] = field(default_factory=list)
 
     def prop(self, name: str) -> Optional[FdtProperty]:
         """The property called `name`, or None."""
@@ -95,7 +95,7 @@ class FdtNode:
                 return p
         return None
 
-    def child(self, name: str) -> Optional["FdtNode"]:
+    def child(self, name: str) -> Optional[FdtNode]:
         """The child node called `name`, or None."""
         for c in self.children:
             if c.name == name:
@@ -150,7 +150,9 @@ def parse_fdt(blob: bytes, *, tolerant: bool = False) -> Fdt:
     out, unresolvable property names become None, and `Fdt.notes` says what happened.
     A header that is itself bad still raises FdtError.
 
-    >>> parse_fdt(build_fdt(FdtNode("", [FdtProperty("compatible", b"kho-v4\\0")]))).root.prop("compatible").string()
+    >>> from kho_agent.abi.encode.fdt import build_fdt
+    >>> root = FdtNode("", [FdtProperty("compatible", b"kho-v4\\0")])
+    >>> parse_fdt(build_fdt(root)).root.prop("compatible").string()
     'kho-v4'
     """
     blob = bytes(blob)
@@ -285,67 +287,3 @@ def _parse_rsvmap(blob: bytes, hdr: FdtHeader, limit: int, tolerant: bool,
             return out
         out.append((addr, size))
 
-
-# --- writer ---------------------------------------------------------------------------
-
-def _walk_names(node: FdtNode) -> Iterator[str]:
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        for p in n.props:
-            if p.name is None:
-                raise FdtError("cannot write a property without a name")
-            yield p.name
-        stack.extend(reversed(n.children))
-
-
-def build_fdt(root: FdtNode, *, strings: Optional[Iterable[str]] = None,
-              reserved: Iterable[tuple[int, int]] = (), boot_cpuid_phys: int = 0,
-              rsvmap_offset: int = HEADER_SIZE) -> bytes:
-    """Serialise `root` as a packed version-17 FDT, laid out as libfdt lays it out.
-
-    Layout: header | reservation map (8-aligned, at 40) | structure | strings.
-    `strings` fixes the order of the strings block (libfdt's sequential-write API adds
-    strings in reverse order of first use); names not listed follow in order of first use.
-    """
-    used = list(dict.fromkeys(_walk_names(root)))
-    table = [s for s in dict.fromkeys(strings or ()) if s in used]
-    table += [s for s in used if s not in table]
-    offsets: dict[str, int] = {}
-    sblob = bytearray()
-    for s in table:
-        offsets[s] = len(sblob)
-        sblob += s.encode() + b"\0"
-
-    body = bytearray()
-    # explicit stack of (node, entered) pairs: bounded, no recursion
-    work: list[tuple[FdtNode, bool]] = [(root, False)]
-    while work:
-        node, entered = work.pop()
-        if entered:
-            body += struct.pack(">I", FDT_END_NODE)
-            continue
-        name = node.name.encode() + b"\0"
-        body += struct.pack(">I", FDT_BEGIN_NODE) + name + b"\0" * (_align4(len(name)) - len(name))
-        for p in node.props:
-            assert p.name is not None
-            body += struct.pack(">III", FDT_PROP, len(p.value), offsets[p.name])
-            body += p.value + b"\0" * (_align4(len(p.value)) - len(p.value))
-        work.append((node, True))
-        for c in reversed(node.children):
-            work.append((c, False))
-    body += struct.pack(">I", FDT_END)
-
-    rsv = bytearray()
-    for addr, size in reserved:
-        rsv += struct.pack(">QQ", addr, size)
-    rsv += b"\0" * 16
-    if rsvmap_offset < HEADER_SIZE or rsvmap_offset % 8:
-        raise ValueError(f"reservation map offset {rsvmap_offset} invalid")
-    off_rsv = rsvmap_offset  # fdt_pack(): 40; fdt_create() before packing: 48
-    off_struct = off_rsv + len(rsv)
-    off_strings = off_struct + len(body)
-    total = off_strings + len(sblob)
-    hdr = _HEADER.pack(FDT_MAGIC, total, off_struct, off_strings, off_rsv, 17, 16,
-                       boot_cpuid_phys, len(sblob), len(body))
-    return bytes(hdr + bytes(off_rsv - HEADER_SIZE) + rsv + body + sblob)

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Optional
 
 from . import memfd as memfd_abi
-from .block import read_block_chain, write_block_chain
+from .block import read_block_chain
 from .memory import MemoryReadError, Reader
 from .versions import LUO_VERSIONS
 
 __all__ = ["NODE_NAME", "LUO_SER", "SESSION_SER", "FILE_SER", "FLB_HEADER", "FLB_SER",
-           "LuoFile", "LuoSession", "LuoFlb", "LuoState", "decode_luo_ser", "read_luo",
-           "FileSpec", "SessionSpec", "write_luo"]
+           "LuoFile", "LuoSession", "LuoFlb", "LuoState", "decode_luo_ser", "read_luo"]
 
 NODE_NAME = "LUO"                         # LUO_KHO_ENTRY_NAME
 LUO_SER = struct.Struct("<8sQQQ")         # 32 bytes
@@ -46,7 +45,7 @@ class LuoFile:
     token: int
     memfd: Optional[memfd_abi.Memfd] = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"compatible": self.compatible, "token": self.token, "data": self.data,
                 "memfd": self.memfd.to_json() if self.memfd else None}
 
@@ -60,7 +59,7 @@ class LuoSession:
     count: int
     files: list[LuoFile] = field(default_factory=list)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "files_pa": self.files_pa, "count": self.count,
                 "files": [f.to_json() for f in self.files]}
 
@@ -87,7 +86,7 @@ class LuoState:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "compatible": self.compatible, "liveupdate_num": self.liveupdate_num,
             "sessions_pa": self.sessions_pa, "flbs_pa": self.flbs_pa,
@@ -161,46 +160,3 @@ def _read_flbs(read: Reader, st: LuoState, page_size: int) -> None:
     for i in range(count):
         name, data, n = FLB_SER.unpack_from(raw, i * FLB_SER.size)
         st.flbs.append(LuoFlb(_cstr(name), data, n))
-
-
-@dataclass
-class FileSpec:
-    """A file to serialise: handler compatible, token, and the phys of its handler data."""
-
-    compatible: str
-    token: int
-    data: int
-
-
-@dataclass
-class SessionSpec:
-    name: str
-    files: list[FileSpec] = field(default_factory=list)
-
-
-def write_luo(sessions: Sequence[SessionSpec], liveupdate_num: int, page_size: int,
-              alloc: Callable[[], int], write: Callable[[int, bytes], None], *,
-              luo_pa: Optional[int] = None, flbs_pa: Optional[int] = None) -> tuple[int, list[int]]:
-    """Serialise LUO as a kernel does at kexec time; returns (luo_ser phys, pages used).
-
-    luo_pa / flbs_pa: pages the kernel allocated at boot (new ones if None). Pages
-    returned are every page written (all must be preserved).
-    """
-    pages: list[int] = []
-    if luo_pa is None:
-        luo_pa = alloc()
-    if flbs_pa is None:
-        flbs_pa = alloc()
-    pages += [luo_pa, flbs_pa]
-    write(flbs_pa, FLB_HEADER.pack(1, 0).ljust(page_size, b"\0"))
-    entries = []
-    for s in sessions:
-        fents = [FILE_SER.pack(f.compatible.encode(), f.data, f.token) for f in s.files]
-        files_pa, blocks = write_block_chain(fents, FILE_SER.size, page_size, alloc, write)
-        pages += blocks
-        entries.append(SESSION_SER.pack(s.name.encode(), files_pa, len(s.files)))
-    sessions_pa, blocks = write_block_chain(entries, SESSION_SER.size, page_size, alloc, write)
-    pages += blocks
-    write(luo_pa, LUO_SER.pack(b"luo-v5", liveupdate_num, sessions_pa, flbs_pa)
-          .ljust(page_size, b"\0"))
-    return luo_pa, pages

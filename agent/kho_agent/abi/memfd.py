@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any
 
 from .memory import Reader
-from .vmalloc import KHO_VMALLOC, KhoVmalloc, read_vmalloc, write_vmalloc
+from .vmalloc import KHO_VMALLOC, KhoVmalloc, read_vmalloc
 
 __all__ = ["COMPATIBLE", "MEMFD_SER", "FOLIO_SER", "FOLIO_DIRTY", "FOLIO_UPTODATE",
-           "MemfdFolio", "Memfd", "decode_memfd_ser", "read_memfd", "encode_memfd_ser",
-           "write_memfd", "folio_pfns"]
+           "MemfdFolio", "Memfd", "decode_memfd_ser", "read_memfd", "folio_pfns"]
 
 COMPATIBLE = "memfd-v2"                       # MEMFD_LUO_FH_COMPATIBLE
 MEMFD_SER = struct.Struct("<QQIIQ")          # + struct kho_vmalloc (16 bytes): 48 packed
@@ -51,7 +50,7 @@ class Memfd:
     folios: list[MemfdFolio] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "pos": self.pos, "size": self.size, "seals": self.seals, "flags": self.flags,
             "nr_folios": self.nr_folios,
@@ -73,7 +72,8 @@ def read_memfd(read: Reader, ser_pa: int, page_size: int) -> Memfd:
     m = decode_memfd_ser(read(ser_pa, MEMFD_SER_SIZE))
     if m.nr_folios == 0:
         return m
-    if m.nr_folios > _MAX_FOLIOS or m.nr_folios > m.folios_desc.total_pages * page_size // FOLIO_SER.size + 1:
+    fits = m.folios_desc.total_pages * page_size // FOLIO_SER.size + 1
+    if m.nr_folios > _MAX_FOLIOS or m.nr_folios > fits:
         m.errors.append(f"nr_folios {m.nr_folios} does not fit the folio array "
                         f"({m.folios_desc.total_pages} pages)")
         return m
@@ -83,33 +83,6 @@ def read_memfd(read: Reader, ser_pa: int, page_size: int) -> Memfd:
         word, index = FOLIO_SER.unpack_from(raw, off)
         m.folios.append(MemfdFolio(word & _PFN_MASK, word >> 52, index))
     return m
-
-
-def encode_memfd_ser(pos: int, size: int, seals: int, flags: int, nr_folios: int,
-                     folios: KhoVmalloc) -> bytes:
-    """The packed struct memfd_luo_ser."""
-    return MEMFD_SER.pack(pos, size, seals, flags, nr_folios) + folios.pack()
-
-
-def write_memfd(size: int, folios: Sequence[MemfdFolio], page_size: int,
-                alloc: Callable[[], int], write: Callable[[int, bytes], None], *,
-                pos: int = 0, seals: int = 0) -> tuple[int, list[tuple[int, int]]]:
-    """Serialise a memfd as memfd_luo_preserve() does; folio data pages are the caller's.
-
-    Returns (phys of memfd_luo_ser, [(pa, order)] to preserve: the ser page and the
-    folio-array vmalloc pages; the folios themselves are preserved by the caller).
-    """
-    ser_pa = alloc()
-    preserve: list[tuple[int, int]] = [(ser_pa, 0)]
-    if folios:
-        arr = b"".join(FOLIO_SER.pack((f.pfn & _PFN_MASK) | (f.flags << 52), f.index)
-                       for f in folios)
-        desc, pages = write_vmalloc(arr, page_size, alloc, write)
-        preserve += [(p, 0) for p in pages]
-    else:
-        desc = KhoVmalloc(0, 0, 0, 0)
-    write(ser_pa, encode_memfd_ser(pos, size, seals, 0, len(folios), desc).ljust(page_size, b"\0"))
-    return ser_pa, preserve
 
 
 def folio_pfns(m: Memfd) -> list[int]:

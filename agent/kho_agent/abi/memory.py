@@ -7,14 +7,17 @@ the encoders, the digital twin and the tests).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from collections.abc import Iterator
+from typing import Callable, Optional
+
+from ..errors import InputError
 
 __all__ = ["MemoryReadError", "Reader", "SparseMemory"]
 
 Reader = Callable[[int, int], bytes]
 
 
-class MemoryReadError(LookupError):
+class MemoryReadError(LookupError, InputError):
     """A physical range that the memory source does not hold (unmapped, outside RAM)."""
 
 
@@ -30,11 +33,11 @@ class SparseMemory:
         self.page_size = page_size
         self.base = base
         self.size = size
-        self.pages: Dict[int, bytearray] = {}
+        self.pages: dict[int, bytearray] = {}
         self._next_free = base + size  # simple top-down page allocator
 
     @property
-    def ranges(self) -> list[Tuple[int, int]]:
+    def ranges(self) -> list[tuple[int, int]]:
         """The [start, end) physical ranges this memory holds."""
         return [(self.base, self.base + self.size)]
 
@@ -90,7 +93,7 @@ class SparseMemory:
         for page in range(phys - phys % ps, phys + length, ps):
             self.pages.setdefault(page, bytearray(ps))
 
-    def iter_pages(self) -> Iterator[Tuple[int, bytes]]:
+    def iter_pages(self) -> Iterator[tuple[int, bytes]]:
         """(phys, bytes) of every page that was written, in address order."""
         for page in sorted(self.pages):
             yield page, bytes(self.pages[page])

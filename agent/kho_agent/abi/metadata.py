@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import struct
 from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import InputError
 
 __all__ = ["NODE_NAME", "METADATA", "METADATA_VERSION", "MetadataError",
-           "KexecMetadata", "decode_metadata", "encode_metadata"]
+           "KexecMetadata", "decode_metadata"]
 
 NODE_NAME = "kexec-metadata"          # KHO_METADATA_NODE_NAME
 METADATA = struct.Struct("<I65sI")    # 73 bytes, packed
 METADATA_VERSION = 1
 
 
-class MetadataError(ValueError):
+class MetadataError(ValueError, InputError):
     """The blob is not a kexec-metadata version this build knows."""
 
 
@@ -30,7 +33,7 @@ class KexecMetadata:
     previous_release: str
     kexec_count: int
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -47,9 +50,3 @@ def decode_metadata(blob: bytes) -> KexecMetadata:
                             f"({len(blob)} < {METADATA.size})")
     _, release, count = METADATA.unpack_from(blob, 0)
     return KexecMetadata(version, release.split(b"\0", 1)[0].decode("utf-8", "replace"), count)
-
-
-def encode_metadata(previous_release: str, kexec_count: int) -> bytes:
-    """The blob a kernel of release `previous_release` writes (strscpy: NUL-terminated)."""
-    raw = previous_release.encode()[:64]
-    return METADATA.pack(METADATA_VERSION, raw, kexec_count)

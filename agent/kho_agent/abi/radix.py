@@ -1,4 +1,4 @@
-"""The KHO preserved-memory radix tree: keys, a validating walker, and a builder.
+"""The KHO preserved-memory radix tree: geometry, key decoding and a validating walker.
 
 Mirrors `enum kho_radix_consts`, struct kho_radix_node/leaf in
 include/linux/kho/abi/kexec_handover.h and kho_radix_{encode,decode}_key(),
@@ -12,6 +12,8 @@ The walker reads physical memory through a callable and trusts nothing: each nod
 visited at most once, pointers are checked for alignment and readability, table slots
 beyond the key space are rejected, and the walk is bounded. Problems end up in
 `RadixWalk.errors` with `intact=False`; the blocks found elsewhere are still reported.
+The builder (RadixBuilder, encode_key) is in abi/encode/radix.py: only the twin and tests
+build trees.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from .memory import MemoryReadError, Reader
 from .versions import kho_abi, page_shift
@@ -27,13 +29,9 @@ from .versions import kho_abi, page_shift
 __all__ = [
     "RadixGeometry",
     "geometry",
-    "encode_key",
     "decode_key",
     "RadixWalk",
     "walk_radix",
-    "RadixBuilder",
-    "split_pages",
-    "coalesce",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -85,24 +83,6 @@ def geometry(page_size: int = 4096, compatible: str = "kho-v4") -> RadixGeometry
     return RadixGeometry(page_size, shift, order0, table, bitmap, depth, compatible)
 
 
-def encode_key(g: RadixGeometry, pa: int, order: int) -> int:
-    """kho_radix_encode_key(): the key of a block of 2^order pages at physical `pa`.
-
-    >>> hex(encode_key(geometry(4096), 0x1000, 0))
-    '0x10000000000001'
-    """
-    if not 0 <= order <= g.order0:
-        raise ValueError(f"order {order} out of range 0..{g.order0}")
-    if order < g.min_order:
-        # kho-v2/v3 sized the tree without the order bit: on 16 KiB pages an order-0
-        # key needs one level more than it has (fixed by kho-v4's depth formula).
-        raise ValueError(f"{g.compatible} with {g.page_size}-byte pages cannot hold "
-                         f"order-{order} blocks (tree depth {g.depth})")
-    if pa < 0 or pa > _MASK64 or pa % (g.page_size << order):
-        raise ValueError(f"physical address 0x{pa:x} not aligned to order {order}")
-    return (1 << (g.order0 - order)) | (pa >> (g.page_shift + order))
-
-
 def decode_key(g: RadixGeometry, key: int) -> tuple[int, int]:
     """kho_radix_decode_key(): (pa, order) of `key` (the order bit is shifted out)."""
     if key <= 0 or key.bit_length() - 1 > g.order0:
@@ -151,7 +131,7 @@ class RadixWalk:
                 out.append((s, e))
         return out
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The stable JSON form (docs/inspect-json.md)."""
         errors = list(self.errors)
         if self.suppressed_errors:
@@ -325,104 +305,3 @@ def _walk_leaf(page: bytes, prefix: int, g: RadixGeometry, emit: _Emitter,
                 w.error(f"block 0x{pa:x} order {order} outside RAM")
                 continue
             emit.run(pa, order, 1)
-
-
-def split_pages(pfn: int, nr_pages: int) -> Iterator[tuple[int, int]]:
-    """(pfn, order) blocks kho_preserve_pages() records for a contiguous page range
-    (__kho_preserve_pages_order(): the largest naturally aligned block that fits)."""
-    end = pfn + nr_pages
-    while pfn < end:
-        tz = (pfn & -pfn).bit_length() - 1 if pfn else 63
-        order = min(tz, (end - pfn).bit_length() - 1)
-        yield pfn, order
-        pfn += 1 << order
-
-
-def coalesce(blocks: Iterable[tuple[int, int]], page_size: int) -> list[list[int]]:
-    """Coalesce (pa, order) blocks (any order) into sorted [pa, order, count] runs."""
-    out: list[list[int]] = []
-    for pa, order in sorted(blocks, key=lambda b: (-b[1], b[0])):
-        size = page_size << order
-        if out and out[-1][1] == order and out[-1][0] + out[-1][2] * size == pa:
-            out[-1][2] += 1
-        else:
-            out.append([pa, order, 1])
-    return out
-
-
-class RadixBuilder:
-    """Builds a tree exactly as kho_radix_add_page() does, into pages from `alloc`.
-
-    alloc() returns the physical address of a fresh zeroed page; node contents live in
-    `self.nodes` ({phys: bytearray}) until the caller writes them out (see write_to).
-    """
-
-    def __init__(self, g: RadixGeometry, alloc: Callable[[], int]) -> None:
-        self.g = g
-        self._alloc = alloc
-        self.root = alloc()
-        self.nodes: dict[int, bytearray] = {self.root: bytearray(g.page_size)}
-
-    def _new_node(self) -> int:
-        phys = self._alloc()
-        if phys % self.g.page_size or phys in self.nodes:
-            raise ValueError(f"allocator returned bad node page 0x{phys:x}")
-        self.nodes[phys] = bytearray(self.g.page_size)
-        return phys
-
-    def _leaf_for(self, key: int, create: bool) -> Optional[bytearray]:
-        g = self.g
-        node = self.root
-        for level in range(g.depth - 1, 0, -1):
-            idx = (key >> g.shift(level)) & ((1 << g.table_log2) - 1)
-            buf = self.nodes[node]
-            child = int.from_bytes(buf[idx * 8:idx * 8 + 8], "little")
-            if not child:
-                if not create:
-                    return None
-                child = self._new_node()
-                buf[idx * 8:idx * 8 + 8] = child.to_bytes(8, "little")
-            node = child
-        return self.nodes[node]
-
-    def add(self, pa: int, order: int) -> None:
-        """Preserve the block of 2^order pages at `pa` (kho_radix_add_page)."""
-        key = encode_key(self.g, pa, order)
-        leaf = self._leaf_for(key, create=True)
-        assert leaf is not None
-        bit = key & ((1 << self.g.bitmap_log2) - 1)
-        leaf[bit >> 3] |= 1 << (bit & 7)
-
-    def remove(self, pa: int, order: int) -> None:
-        """Unpreserve a block (kho_radix_del_page: nodes are never freed)."""
-        key = encode_key(self.g, pa, order)
-        leaf = self._leaf_for(key, create=False)
-        if leaf is not None:
-            bit = key & ((1 << self.g.bitmap_log2) - 1)
-            leaf[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
-
-    def add_run(self, pa: int, order: int, count: int) -> None:
-        """Preserve `count` consecutive blocks of one order, a leaf at a time."""
-        g = self.g
-        size = g.page_size << order
-        bits_per_leaf = 1 << g.bitmap_log2
-        while count > 0:
-            key = encode_key(g, pa, order)
-            bit = key & (bits_per_leaf - 1)
-            n = min(count, bits_per_leaf - bit)
-            leaf = self._leaf_for(key, create=True)
-            assert leaf is not None
-            v = int.from_bytes(leaf, "little") | (((1 << n) - 1) << bit)
-            leaf[:] = v.to_bytes(len(leaf), "little")
-            pa += n * size
-            count -= n
-
-    def add_pages(self, pfn: int, nr_pages: int) -> None:
-        """kho_preserve_pages(): a contiguous range of order-0 pages, split into blocks."""
-        for p, order in split_pages(pfn, nr_pages):
-            self.add(p << self.g.page_shift, order)
-
-    def write_to(self, write: Callable[[int, bytes], None]) -> None:
-        """Write every node page through `write(phys, data)`."""
-        for phys, buf in self.nodes.items():
-            write(phys, bytes(buf))

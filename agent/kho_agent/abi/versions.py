@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import InputError
+
 __all__ = [
     "UnsupportedAbi",
     "KhoAbi",
@@ -23,7 +25,7 @@ __all__ = [
 ]
 
 
-class UnsupportedAbi(ValueError):
+class UnsupportedAbi(ValueError, InputError):
     """An ABI version (or page size) this build does not know; the message names it."""
 
 

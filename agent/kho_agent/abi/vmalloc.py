@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .memory import MemoryReadError, Reader
 
 __all__ = ["KHO_VMALLOC", "VMALLOC_ALLOC", "VMALLOC_HUGE_VMAP", "KhoVmalloc",
-           "VmallocPages", "read_vmalloc_pages", "read_vmalloc", "write_vmalloc"]
+           "VmallocPages", "read_vmalloc_pages", "read_vmalloc"]
 
 KHO_VMALLOC = struct.Struct("<QIHH")   # first (phys), total_pages, flags, order
 VMALLOC_ALLOC = 0x0001                  # KHO_VMALLOC_ALLOC
@@ -33,7 +32,7 @@ class KhoVmalloc:
     order: int
 
     @classmethod
-    def unpack(cls, raw: bytes) -> "KhoVmalloc":
+    def unpack(cls, raw: bytes) -> KhoVmalloc:
         return cls(*KHO_VMALLOC.unpack_from(raw, 0))
 
     def pack(self) -> bytes:
@@ -59,8 +58,8 @@ def read_vmalloc_pages(read: Reader, desc: KhoVmalloc, page_size: int) -> Vmallo
     pa = desc.first
     while pa and len(out.phys) < want:
         if pa % page_size or pa in seen or len(seen) >= _MAX_CHUNKS:
-            out.errors.append(f"vmalloc chunk 0x{pa:x}: "
-                              + ("not page-aligned" if pa % page_size else "cycle or too many chunks"))
+            why = "not page-aligned" if pa % page_size else "cycle or too many chunks"
+            out.errors.append(f"vmalloc chunk 0x{pa:x}: {why}")
             break
         seen.add(pa)
         try:
@@ -74,7 +73,8 @@ def read_vmalloc_pages(read: Reader, desc: KhoVmalloc, page_size: int) -> Vmallo
             if not p or len(out.phys) >= want:
                 break
             if p % step:
-                out.errors.append(f"vmalloc chunk 0x{pa:x}: page 0x{p:x} not aligned to order {desc.order}")
+                out.errors.append(f"vmalloc chunk 0x{pa:x}: page 0x{p:x} "
+                                  f"not aligned to order {desc.order}")
                 return out
             out.phys.append(p)
         pa = words[0]
@@ -83,7 +83,8 @@ def read_vmalloc_pages(read: Reader, desc: KhoVmalloc, page_size: int) -> Vmallo
     return out
 
 
-def read_vmalloc(read: Reader, desc: KhoVmalloc, page_size: int, length: int) -> tuple[bytes, list[str]]:
+def read_vmalloc(read: Reader, desc: KhoVmalloc, page_size: int,
+                 length: int) -> tuple[bytes, list[str]]:
     """The first `length` bytes of the preserved vmalloc area, and any errors."""
     pages = read_vmalloc_pages(read, desc, page_size)
     step = page_size << desc.order
@@ -98,28 +99,3 @@ def read_vmalloc(read: Reader, desc: KhoVmalloc, page_size: int, length: int) ->
             errors.append(f"vmalloc page 0x{p:x}: unreadable ({e})")
             break
     return bytes(buf[:length]), errors
-
-
-def write_vmalloc(data: bytes, page_size: int, alloc: Callable[[], int],
-                  write: Callable[[int, bytes], None]) -> tuple[KhoVmalloc, list[int]]:
-    """Preserve `data` like kho_preserve_vmalloc() (order 0, VM_ALLOC).
-
-    Returns the descriptor and every page to mark preserved (data pages and chunks).
-    """
-    npages = -(-len(data) // page_size)
-    per_chunk = page_size // 8 - 1
-    data_pages = []
-    for i in range(npages):
-        p = alloc()
-        write(p, data[i * page_size:(i + 1) * page_size].ljust(page_size, b"\0"))
-        data_pages.append(p)
-    # kho_preserve_vmalloc starts a new chunk when one fills, so n entries need
-    # n // per_chunk + 1 chunks (a full last chunk is followed by an empty one).
-    nchunks = npages // per_chunk + 1
-    chunks = [alloc() for _ in range(nchunks)]
-    for c, pa in enumerate(chunks):
-        nxt = chunks[c + 1] if c + 1 < nchunks else 0
-        ents = data_pages[c * per_chunk:(c + 1) * per_chunk]
-        body = struct.pack(f"<Q{len(ents)}Q", nxt, *ents)
-        write(pa, body.ljust(page_size, b"\0"))
-    return KhoVmalloc(chunks[0], npages, VMALLOC_ALLOC, 0), data_pages + chunks

@@ -11,18 +11,24 @@ from __future__ import annotations
 import errno as _errno
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Optional
 
+from ..errors import KhoAgentError
 from ..physmem import PhysicalMemory
 
-__all__ = ["KernelError", "LiveUpdateError", "Session", "LiveUpdate", "Kernel"]
+__all__ = ["KernelError", "LiveUpdateError", "Session", "LiveUpdate", "Kernel", "TWIN_ENV"]
+
+# The environment form of the twin setting (`kho-agent --twin ROOT`). Only the kernel seam
+# reads it (kernel.get_kernel) and writes it (Kernel.child_env): nothing else names it.
+TWIN_ENV = "KHO_AGENT_TWIN"
 
 
-class KernelError(Exception):
+class KernelError(KhoAgentError):
     """A kernel-interface operation failed; the message names the operation and path."""
 
 
-class LiveUpdateError(OSError):
+class LiveUpdateError(OSError, KhoAgentError):
     """A /dev/liveupdate operation failed with `errno` (ENOENT, EBUSY, EINVAL, ...)."""
 
     def __init__(self, err: int, op: str, detail: str = "") -> None:
@@ -119,6 +125,14 @@ class Kernel(ABC):
     @abstractmethod
     def state_dir(self) -> str:
         """Where the agent keeps its state on this host (created if missing)."""
+
+    def child_env(self, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+        """The environment for a process the agent starts (holder, kexec helper): `base`
+        (default os.environ) with this kernel's setting, so the child acts on the same
+        host as its parent. Linux: no twin setting (a stray $KHO_AGENT_TWIN is dropped)."""
+        env = dict(os.environ if base is None else base)
+        env.pop(TWIN_ENV, None)
+        return env
 
     # --- debugfs -----------------------------------------------------------------------
     @abstractmethod

@@ -491,7 +491,7 @@ class LinuxKernel(Kernel):
     def _run_kexec(self, argv: List[str], what: str) -> None:
         try:
             res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                 timeout=300)
+                                 timeout=300, env=self.child_env())
         except subprocess.TimeoutExpired:
             raise KernelError(f"{what}: timed out") from None
         except OSError as e:
@@ -547,7 +547,7 @@ class LinuxKernel(Kernel):
         os.sync()
         try:
             subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                             start_new_session=True, close_fds=True)
+                             start_new_session=True, close_fds=True, env=self.child_env())
         except OSError as e:
             raise KernelError(f"kexec exec: cannot start {argv[0]}: {e.strerror}") from None
         finally:

@@ -13,13 +13,15 @@ import errno
 import json
 import os
 import socket
+from collections.abc import Mapping
 from typing import Optional
 
+from ..errors import InputError
 from ..physmem import PhysicalMemory, RawImage
 from . import twinproto as proto
-from .base import Kernel, KernelError, LiveUpdate, LiveUpdateError, Session
+from .base import TWIN_ENV, Kernel, KernelError, LiveUpdate, LiveUpdateError, Session
 
-__all__ = ["TwinKernel", "TwinLiveUpdate", "TwinSession"]
+__all__ = ["TwinKernel", "TwinLiveUpdate", "TwinSession", "check_twin_root"]
 
 _DOWN_ERRNOS = (errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET, errno.EPIPE)
 
@@ -47,7 +49,7 @@ class _Fd:
             raise LiveUpdateError(errno.EBADF, label, "fd is closed")
         try:
             reply, got = proto.call(self._sock, {"op": op, **args}, fds)
-        except (EOFError, proto.ProtocolError, OSError) as e:
+        except (proto.WireError, OSError) as e:
             raise KernelError(f"{label}: twin host {self._root} is down/booting "
                               f"(the fd died with the kernel that made it: {e})") from None
         if not reply.get("ok"):
@@ -111,6 +113,25 @@ class TwinLiveUpdate(_Fd, LiveUpdate):
         return self._session("retrieve_session", "LIVEUPDATE_IOCTL_RETRIEVE_SESSION", name)
 
 
+def check_twin_root(root: str, where: str = "--twin") -> str:
+    """`root` as an absolute path if it is a twin host root, else InputError (no side effects).
+
+    A twin host root is a directory holding the twin's state file (twin.state): the twin
+    server writes it from its first boot on and keeps it while the host is off, so it
+    marks a root that has been a twin host. Nothing is created or changed here.
+    """
+    if not root:
+        raise InputError(f"{where}: empty path (name a twin host root)")
+    path = os.path.abspath(root)
+    if not os.path.isdir(path):
+        what = "no such directory" if not os.path.lexists(path) else "not a directory"
+        raise InputError(f"{where} {root}: {what} (not a twin host root)")
+    if not os.path.isfile(os.path.join(path, proto.STATE)):
+        raise InputError(f"{where} {root}: not a twin host root (no {proto.STATE}; "
+                         f"start a twin there first)")
+    return path
+
+
 class TwinKernel(Kernel):
     """A twin host's kernel, reached through its host root directory."""
 
@@ -163,7 +184,7 @@ class TwinKernel(Kernel):
         sock = self._connect(proto.CONTROL, op)
         try:
             reply, got = proto.call(sock, {"op": op, **args}, fds)
-        except (EOFError, proto.ProtocolError, OSError) as e:
+        except (proto.WireError, OSError) as e:
             raise KernelError(f"{op}: twin host {self.root} is down/booting ({e})") from None
         finally:
             sock.close()
@@ -195,6 +216,12 @@ class TwinKernel(Kernel):
         """A twin host is named by its root directory (the inventory host name)."""
         name = os.path.basename(self.root)
         return os.path.basename(os.path.dirname(self.root)) if name == "host" else name
+
+    def child_env(self, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+        """Children act on this twin host too: the twin setting goes with them."""
+        env = super().child_env(base)
+        env[TWIN_ENV] = self.root
+        return env
 
     def state_dir(self) -> str:
         path = self._p("var/lib/kho-agent")
@@ -247,7 +274,7 @@ class TwinKernel(Kernel):
         sock = self._connect(proto.DEV_LIVEUPDATE, label)
         try:
             reply, fds = proto.recv_msg(sock)
-        except (EOFError, proto.ProtocolError, OSError) as e:
+        except (proto.WireError, OSError) as e:
             raise KernelError(f"{label}: twin host {self.root} is down/booting ({e})") from None
         finally:
             sock.close()

@@ -31,6 +31,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import yaml
 
+from kho_agent.atomicfile import atomic_write, atomic_write_json
 from kho_agent.kernel.twinproto import pid_alive
 from kho_fleet.lab.guest import GuestError, LabGuest, LabKey, _ssh_banner, lab_key
 from kho_fleet.lab.qemu import QemuError, dump_guest_memory, find_qemu
@@ -106,10 +107,7 @@ def write_inventory(path: PathLike, records: Sequence[GuestRecord], known_hosts:
             f"{len(records)} QEMU lab guest(s)\n# tracked in {Path(workdir).resolve()} "
             "(`kho-fleet lab status`, `kho-fleet lab down`). Host keys were recorded on first\n"
             "# contact (trust on first use: loopback lab VMs only).\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(head + yaml.safe_dump({"all": {"hosts": hosts}}, sort_keys=False))
-    os.replace(tmp, out)
+    atomic_write(out, (head + yaml.safe_dump({"all": {"hosts": hosts}}, sort_keys=False)).encode())
     return out
 
 
@@ -153,10 +151,7 @@ class LabFleet:
 
     def _save(self, records: Sequence[GuestRecord]) -> None:
         """Write the state file atomically."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"guests": [asdict(r) for r in records]}, indent=1) + "\n")
-        os.replace(tmp, self.state_path)
+        atomic_write_json(self.state_path, {"guests": [asdict(r) for r in records]})
 
     def guest(self, rec: GuestRecord) -> LabGuest:
         """A LabGuest attached to a running record: SSH (`run`, `put`, `get`) only."""
@@ -250,10 +245,7 @@ class LabFleet:
                           if ln.strip()]
             except OSError:
                 continue
-        tmp = self.known_hosts.with_suffix(".tmp")
-        tmp.write_text("".join(f"{ln}\n" for ln in lines))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.known_hosts)
+        atomic_write(self.known_hosts, "".join(f"{ln}\n" for ln in lines).encode(), mode=0o600)
 
     # --- status -----------------------------------------------------------------------------
     def status(self, ssh_timeout: float = 15.0) -> List[dict]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from ..errors import KhoFleetError
 
-import os
 import shlex
 import socket
 import subprocess
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
+from kho_agent.atomicfile import atomic_write
 from kho_fleet.lab.qemu import DumpResult, QemuConfig, QemuError, QemuVM
 
 __all__ = ["LabGuest", "LabKey", "GuestError", "lab_key", "free_port", "GUEST_APPEND"]
@@ -68,12 +68,8 @@ def lab_key(directory: PathLike, name: str = "lab_ed25519") -> LabKey:
                                 serialization.NoEncryption())
         line = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                              serialization.PublicFormat.OpenSSH).decode()
-        tmp = priv.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        pub.write_text(f"{line} kho-fleet-lab\n")
-        os.replace(tmp, priv)
+        atomic_write(pub, f"{line} kho-fleet-lab\n".encode(), mode=0o644)
+        atomic_write(priv, pem, mode=0o600)     # the private key last: it marks "done"
     return LabKey(priv, pub.read_text().strip())
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
+from kho_agent.atomicfile import atomic_open
 from kho_agent.digest import sha256_file
 from kho_agent.kimage import inspect_kernel_image
 from kho_fleet.lab.fleet import LabError
@@ -161,9 +162,8 @@ def record_kernel(image: PathLike, out: PathLike, origin: Optional[str] = None) 
     dest.mkdir(parents=True, exist_ok=True)
     dst = dest / f"bzImage-{release}"
     if not dst.exists() or not os.path.samefile(src, dst):
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with open(src, "rb") as fin, atomic_open(dst) as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
     rec = {"path": str(dst), "release": info.release, "kho": info.kho, "luo": info.luo,
            "memfd": info.memfd, "sha256": sha256_file(dst),
            "origin": origin or f"prebuilt {src.resolve()}",

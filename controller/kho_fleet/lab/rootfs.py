@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
+from kho_agent.atomicfile import atomic_open
 from kho_agent.digest import sha256_file
 
 __all__ = ["RootfsError", "DEFAULT_PACKAGES", "DEFAULT_SUITE", "build_rootfs", "cached_rootfs",
@@ -213,10 +214,8 @@ def _build_tree(tree: Path, suite: str, mirror: str, packages: Sequence[str]) ->
 def _build_image(tree: Path, image: Path, kernels: Sequence[Path], ssh_pubkey: str) -> None:
     mkfs = _ensure_tool("mkfs.ext4", "e2fsprogs")
     stage = image.with_name(image.stem + ".stage")
-    tmp_img = image.with_name(image.name + ".tmp")
-    for p in (stage,):
-        if p.exists():
-            shutil.rmtree(p)
+    if stage.exists():
+        shutil.rmtree(stage)
     try:
         # hard-linked copy of the tree: cheap, and _write never writes through a link
         _run("staging the tree", ["cp", "-al", str(tree), str(stage)], 600)
@@ -230,17 +229,12 @@ def _build_image(tree: Path, image: Path, kernels: Sequence[Path], ssh_pubkey: s
                 dst.unlink()
             shutil.copyfile(k, dst)
             os.chmod(dst, 0o644)
-        if tmp_img.exists():
-            tmp_img.unlink()
-        with open(tmp_img, "wb") as f:
+        with atomic_open(image) as f:        # mkfs fills the temp file through its name
             f.truncate(IMAGE_SIZE)
-        _run("mkfs.ext4 -d", [mkfs, "-q", "-F", "-L", "kho-lab", "-d", str(stage),
-                               str(tmp_img)], 900)
-        os.replace(tmp_img, image)
+            _run("mkfs.ext4 -d", [mkfs, "-q", "-F", "-L", "kho-lab", "-d", str(stage),
+                                   f.name], 900)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        if tmp_img.exists():
-            tmp_img.unlink()
 
 
 def _plan(cache_dir: PathLike, kernel: PathLike, ssh_pubkey: str,

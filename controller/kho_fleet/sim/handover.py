@@ -13,21 +13,18 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import kho_agent
 
+from .faults import ALL_FAULTS, TWIN_FAULTS
 from .kernelimage import make_kernel_image
 from .twinkernel import TwinError, TwinHandle, start_twin
 
-__all__ = ["AGENT_FAULTS", "TWIN_FAULTS", "SimResult", "agent_env", "run_agent", "drive_handover",
-           "run_sim_handover", "workload_spec"]
-
-# faults the twin injects, and the one the controller injects through the staged image
-TWIN_FAULTS = ("kexec-load-fails", "never-returns", "slow-boot", "bitflip", "lost-page",
-               "abi-mismatch", "kill-agent-before-finish")
-AGENT_FAULTS = ("abi-mismatch-image",)
+__all__ = ["SimResult", "agent_env", "run_agent", "drive_handover", "run_sim_handover",
+           "workload_spec"]
 
 
 @dataclass
@@ -80,8 +77,8 @@ def run_sim_handover(workdir: str, *, fault: Optional[str] = None, workload_mib:
                      target_release: str = "7.2.14-twin", kho: str = "kho-v4") -> SimResult:
     """Power on a fresh twin host under `workdir`, hand its workloads over to a new kernel,
     and return the agent's handover report (or the controller's verdict if it never returns)."""
-    if fault is not None and fault not in TWIN_FAULTS + AGENT_FAULTS:
-        raise ValueError(f"unknown fault {fault!r} (known: {', '.join(TWIN_FAULTS + AGENT_FAULTS)})")
+    if fault is not None and fault not in ALL_FAULTS:
+        raise ValueError(f"unknown fault {fault!r} (known: {', '.join(ALL_FAULTS)})")
     root = os.path.abspath(os.path.join(workdir, "host"))
     os.makedirs(workdir, exist_ok=True)
     image = make_kernel_image(os.path.join(workdir, f"bzImage-{target_release}"), target_release,

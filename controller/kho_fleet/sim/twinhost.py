@@ -22,11 +22,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 from kho_agent.abi import metadata as md_abi
+from kho_agent.abi.encode.kho import encode_kho_fdt
+from kho_agent.abi.encode.metadata import encode_metadata
+from kho_agent.abi.encode.radix import RadixBuilder
 from kho_agent.abi.fdt import FdtError, parse_fdt
-from kho_agent.abi.kho import KhoSubtree, decode_kho_fdt, encode_kho_fdt
+from kho_agent.abi.kho import KhoSubtree, decode_kho_fdt
 from kho_agent.abi.memory import MemoryReadError
-from kho_agent.abi.radix import RadixBuilder, geometry, walk_radix
+from kho_agent.abi.radix import geometry, walk_radix
 from kho_agent.abi.versions import KHO_VERSIONS
+from kho_agent.atomicfile import atomic_write
 
 from .kernelimage import make_kernel_image
 from .twinluo import KERNEL_DATA, Errno, InSession, LuoMixin, OutSession
@@ -125,13 +129,9 @@ class TwinHost(LuoMixin):
         return os.path.join(self.root, rel)
 
     def put(self, rel: str, data: "bytes | str") -> None:
-        """Atomically replace ROOT/rel."""
-        p = self.path(rel)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = f"{p}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, p)
+        """Atomically replace ROOT/rel (no fsync: a simulated host's files, rewritten often)."""
+        atomic_write(self.path(rel), data.encode() if isinstance(data, str) else data,
+                     fsync=False)
 
     def log(self, msg: str) -> None:
         """printk into ROOT/dmesg."""
@@ -298,7 +298,7 @@ class TwinHost(LuoMixin):
         if in_fdt is not None:
             in_count = self._kho_in_kexec_metadata(in_fdt)
         md_pa = self.alloc_preserve()
-        self.mem.write(md_pa, md_abi.encode_metadata(self.spec.release, in_count + 1))
+        self.mem.write(md_pa, encode_metadata(self.spec.release, in_count + 1))
         self.add_subtree(md_abi.NODE_NAME, md_pa, md_abi.METADATA.size)
         for name, rel in (("scratch_phys", "start"), ("scratch_len", "size")):
             areas = (self.regions["scratch_low"], self.regions["scratch_global"])

@@ -32,7 +32,7 @@ Sockets speak kho_agent.kernel.twinproto. kexec_exec kills the old kernel's proc
 every peer that connected to dev/liveupdate or twin.sock (SO_PEERCRED) and every process
 holding a twin fd or a memfd the twin knows (found in /proc/*/fd) -- except --outside-pid
 processes (start_twin() passes its caller: the "controller", not a process on the host).
-Faults (persist until cleared; see FAULTS): kexec-load-fails, never-returns, slow-boot
+Faults (persist until cleared; names in faults.py): kexec-load-fails, never-returns, slow-boot
 (boot delay x10, or slow-boot=SECONDS), bitflip (one preserved memfd data page gets one
 bit flipped at kexec), lost-page (one memfd data page is dropped from the radix tree just
 before kexec: the next kernel cannot restore it, RETRIEVE_FD fails with EIO as
@@ -56,12 +56,13 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from kho_agent.kernel import twinproto as proto
 
-from .twinserver import FAULTS, TwinConfig, TwinError, TwinServer, parse_fault
+from .faults import TWIN_FAULTS
+from .twinserver import TwinConfig, TwinError, TwinServer, parse_fault
 
 if TYPE_CHECKING:
     from kho_agent.kernel.twin import TwinKernel
 
-__all__ = ["TwinConfig", "TwinHandle", "TwinError", "start_twin", "main", "FAULTS"]
+__all__ = ["TwinConfig", "TwinHandle", "TwinError", "start_twin", "main"]
 
 
 # --- library API ----------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cmdline", default=d.cmdline)
     p.add_argument("--boot-delay", type=float, default=d.boot_delay)
     p.add_argument("--fault", action="append", default=[], metavar="NAME[=SECONDS]",
-                   help="one of: " + ", ".join(FAULTS))
+                   help="one of: " + ", ".join(TWIN_FAULTS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outside-pid", type=int, action="append", default=[])
     p.add_argument("--exit-with", type=int, default=None)

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Optional
 from kho_agent.abi import luo as luo_abi
 from kho_agent.abi import memfd as memfd_abi
 from kho_agent.abi.block import per_block, read_block_chain
+from kho_agent.abi.encode.luo import FileSpec, SessionSpec, write_luo
+from kho_agent.abi.encode.memfd import write_memfd
+from kho_agent.abi.encode.radix import RadixBuilder
 from kho_agent.abi.kho import decode_kho_fdt
 from kho_agent.abi.vmalloc import read_vmalloc_pages
-
-from kho_agent.abi.radix import RadixBuilder
 
 from .twinmem import FREE, KERNEL, PAGECACHE, PageCache, PhysMem
 
@@ -297,9 +298,9 @@ class LuoMixin:
             for pfn in pfns:
                 self.tree.add(pfn * self.ps, 0)          # kho_preserve_folio()
             folios = [memfd_abi.MemfdFolio(pfn, _FOLIO_FLAGS, i) for i, pfn in enumerate(pfns)]
-            ser_pa, extra = memfd_abi.write_memfd(size, folios, self.ps,
-                                                  lambda: self.mem.alloc_page(KERNEL),
-                                                  self.mem.write, pos=pos, seals=seals)
+            ser_pa, extra = write_memfd(size, folios, self.ps,
+                                        lambda: self.mem.alloc_page(KERNEL),
+                                        self.mem.write, pos=pos, seals=seals)
         except MemoryError:
             raise Errno(errno.ENOMEM, "out of memory") from None
         ent.pins += 1
@@ -428,11 +429,11 @@ class LuoMixin:
                 pos = os.lseek(f.fd, 0, os.SEEK_CUR)             # memfd_luo_freeze()
                 self.mem.write(f.ser_pa, pos.to_bytes(8, "little"))
         queue = [b for s in self.out_sessions for b in s.blocks] + list(self.session_blocks)
-        specs = [luo_abi.SessionSpec(s.name, [luo_abi.FileSpec(self.spec.memfd or "", f.token,
-                                                               f.ser_pa) for f in s.files])
+        specs = [SessionSpec(s.name, [FileSpec(self.spec.memfd or "", f.token, f.ser_pa)
+                                      for f in s.files])
                  for s in self.out_sessions]
-        luo_abi.write_luo(specs, self.liveupdate_num, self.ps, lambda: queue.pop(0),
-                          self.mem.write, luo_pa=self.luo_pa, flbs_pa=self.flbs_pa)
+        write_luo(specs, self.liveupdate_num, self.ps, lambda: queue.pop(0),
+                  self.mem.write, luo_pa=self.luo_pa, flbs_pa=self.flbs_pa)
         sessions_pa = self.session_blocks[0] if self.session_blocks else 0
         self._write_luo_ser(sessions_pa)
         self._debugfs(f"out/sub_fdts/{luo_abi.NODE_NAME}",

@@ -21,14 +21,15 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
+from kho_agent.atomicfile import atomic_write
 from kho_agent.kernel import twinproto as proto
 from kho_agent.kimage import inspect_kernel_image
 
+from .faults import TWIN_FAULTS
 from .twinhost import Errno, InSession, KernelSpec, OutSession, TwinHost, known_kho
 
-__all__ = ["TwinError", "TwinConfig", "TwinServer", "FAULTS", "check_fault", "parse_fault"]
+__all__ = ["TwinError", "TwinConfig", "TwinServer", "check_fault", "parse_fault"]
 
-FAULTS = proto.FAULTS
 _PAGE_SIZES = (4096, 16384, 65536)
 _SUN_PATH_MAX = 107
 log = logging.getLogger("kho_fleet.twin")
@@ -80,8 +81,8 @@ class TwinConfig:
 
 
 def check_fault(name: str) -> str:
-    if name not in FAULTS:
-        raise TwinError(f"unknown fault {name!r} (known: {', '.join(FAULTS)})")
+    if name not in TWIN_FAULTS:
+        raise TwinError(f"unknown fault {name!r} (known: {', '.join(TWIN_FAULTS)})")
     return name
 
 
@@ -197,10 +198,9 @@ class TwinServer:
                       boot_time=h.boot_time, kexec_loaded=h.loaded is not None,
                       loaded=h.loaded.release if h.loaded else None,
                       liveupdate=h.liveupdate, last_faults=h.last_faults)
-        tmp = os.path.join(self.root, proto.STATE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(st, f)
-        os.replace(tmp, os.path.join(self.root, proto.STATE))
+        # rewritten on every state change: atomic against a crash, no fsync (a power cut
+        # ends the simulated host too)
+        atomic_write(os.path.join(self.root, proto.STATE), json.dumps(st).encode(), fsync=False)
 
     def _come_up(self) -> None:
         assert self.host is not None
@@ -329,7 +329,7 @@ class TwinServer:
     def _readable(self, conn: Conn) -> None:
         try:
             msg, fds = proto.recv_msg(conn.sock)
-        except (EOFError, proto.ProtocolError, OSError):
+        except OSError:                  # a WireError too: the peer closed or sent garbage
             self._release(conn)
             return
         self._drain_eofs()

@@ -19,6 +19,8 @@ import signal
 import subprocess
 from typing import Optional, Tuple
 
+from kho_agent.atomicfile import atomic_open
+
 from .base import (
     CommandTimeout,
     PathLike,
@@ -129,16 +131,10 @@ class LocalTransport(Transport):
             raise TransportError(self.host, "put", f"{remote_path}: {e.strerror or e}") from None
 
     def get(self, remote_path: str, local_path: PathLike) -> None:
-        local_path = os.fspath(local_path)
-        tmp = self._tmp_name(os.path.abspath(local_path))
         try:
-            shutil.copyfile(self.path(remote_path), tmp)
-            os.replace(tmp, local_path)
+            with open(self.path(remote_path), "rb") as src, atomic_open(local_path) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise TransportError(self.host, "get", f"{remote_path}: {e.strerror or e}") from None
 
     def remote_sha256(self, remote_path: str) -> Optional[str]:

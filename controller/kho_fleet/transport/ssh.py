@@ -40,6 +40,8 @@ import paramiko
 from paramiko.common import cMSG_CHANNEL_REQUEST
 from paramiko.message import Message
 
+from kho_agent.atomicfile import atomic_open
+
 from .base import (
     CommandTimeout,
     HostKeyError,
@@ -682,25 +684,20 @@ class SSHTransport(Transport):
             pass
 
     def get(self, remote_path: str, local_path: PathLike) -> None:
-        local_path = os.fspath(local_path)
-        tmp = self._tmp_name(os.path.abspath(local_path))
         try:
-            if self._become_prefix():
-                rc, data, err = self._exec(["cat", "--", remote_path], {}, self.io_timeout, None)
-                if rc != 0:
-                    raise TransportError(self.host, "get",
-                                         f"{remote_path}: {err.decode('utf-8', 'replace')}")
-                with open(tmp, "wb") as f:
+            with atomic_open(local_path) as f:
+                if self._become_prefix():
+                    rc, data, err = self._exec(["cat", "--", remote_path], {}, self.io_timeout,
+                                               None)
+                    if rc != 0:
+                        raise TransportError(self.host, "get",
+                                             f"{remote_path}: {err.decode('utf-8', 'replace')}")
                     f.write(data)
-            else:
-                self._sftp_do("get", remote_path, lambda s: s.get(remote_path, tmp))
-            os.replace(tmp, local_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+                else:
+                    self._sftp_do("get", remote_path, lambda s: s.getfo(remote_path, f))
+        except OSError as e:            # the local side: the temp file could not be made
+            raise TransportError(self.host, "get",
+                                 f"{os.fspath(local_path)}: {e.strerror or e}") from None
 
 
 def wait_for_ssh(
