@@ -36,7 +36,8 @@ def main(mib: int) -> None:
     print(f"  baseline: bare agent process (status) {base * 1e3:.1f} ms")
     d = rep["downtime"]
     print(f"  downtime {d['blackout_s']:.3f}s (kexec->kernel {d['kexec_to_kernel_s']:.3f}, "
-          f"kernel->agent {d['kernel_to_agent_s']:.3f}, agent->restored {d['agent_to_restored_s']:.3f})")
+          f"kernel->agent {d['kernel_to_agent_s']:.3f}, "
+          f"agent->restored {d['agent_to_restored_s']:.3f})")
 
 
 if __name__ == "__main__":

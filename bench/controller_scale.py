@@ -69,7 +69,8 @@ class BenchRollout(Rollout):
 
 
 def main(n: int, parallel: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="kho-scale-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix="kho-scale-", dir=shm) as d:
         inv = os.path.join(d, "inv.yaml")
         with open(inv, "w") as f:
             yaml.safe_dump({"all": {"vars": {"kho_transport": "local"},
@@ -81,7 +82,8 @@ def main(n: int, parallel: int) -> None:
         pb = os.path.join(d, "pb.yaml")
         with open(pb, "w") as f:
             yaml.safe_dump({"name": "scale", "hosts": "all",
-                            "target": {"kernel": kernel, "sha256": hashlib.sha256(b"k").hexdigest()},
+                            "target": {"kernel": kernel,
+                                       "sha256": hashlib.sha256(b"k").hexdigest()},
                             "stages": [{"name": "canary", "hosts": 1},
                                        {"name": "rest", "hosts": "rest", "max_parallel": parallel,
                                         "gate": {"min_success_ratio": 0.99}}]}, f)

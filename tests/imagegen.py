@@ -12,7 +12,8 @@ where so a test can compare a decoder's output with it.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 from kho_agent.abi import metadata as md_abi
 from kho_agent.abi.encode.kho import encode_kho_fdt
@@ -21,8 +22,8 @@ from kho_agent.abi.encode.memfd import write_memfd
 from kho_agent.abi.encode.metadata import encode_metadata
 from kho_agent.abi.encode.radix import RadixBuilder
 from kho_agent.abi.kho import KhoSubtree
-from kho_agent.abi.memfd import (COMPATIBLE as MEMFD_COMPATIBLE, FOLIO_DIRTY, FOLIO_UPTODATE,
-                                 MemfdFolio)
+from kho_agent.abi.memfd import COMPATIBLE as MEMFD_COMPATIBLE
+from kho_agent.abi.memfd import FOLIO_DIRTY, FOLIO_UPTODATE, MemfdFolio
 from kho_agent.abi.memory import SparseMemory
 from kho_agent.abi.radix import geometry
 from kho_agent.physmem import write_elf_core

@@ -9,9 +9,9 @@ import bisect
 import mmap
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple
 
 from kho_agent.abi.fdt import parse_header
 
@@ -31,7 +31,7 @@ class ElfCore:
     """A QEMU dump-guest-memory ELF core; read(pa, n) reads guest-physical bytes."""
 
     path: Path
-    loads: List[Tuple[int, int, int]] = field(default_factory=list)  # (paddr, filesz, offset)
+    loads: list[tuple[int, int, int]] = field(default_factory=list)  # (paddr, filesz, offset)
 
     def __post_init__(self) -> None:
         self._f = open(self.path, "rb")
@@ -61,14 +61,14 @@ class ElfCore:
 class Coverage:
     """Merged, sorted [start, end) byte ranges, from inspect's [phys, order, count] blocks."""
 
-    starts: List[int]
-    ends: List[int]
+    starts: list[int]
+    ends: list[int]
 
     @classmethod
-    def from_blocks(cls, blocks: Iterable[Sequence[int]], page_size: int = PAGE_SIZE) -> "Coverage":
+    def from_blocks(cls, blocks: Iterable[Sequence[int]], page_size: int = PAGE_SIZE) -> Coverage:
         spans = sorted((p, p + c * (page_size << o)) for p, o, c in blocks)
-        starts: List[int] = []
-        ends: List[int] = []
+        starts: list[int] = []
+        ends: list[int] = []
         for s, e in spans:
             if ends and s <= ends[-1]:
                 ends[-1] = max(ends[-1], e)
@@ -82,7 +82,7 @@ class Coverage:
         return i >= 0 and pa + n <= self.ends[i]
 
 
-def root_u64_props(fdt: bytes) -> List[Tuple[int, int]]:
+def root_u64_props(fdt: bytes) -> list[tuple[int, int]]:
     """(nameoff, little-endian value) of each 8-byte property of the root node.
 
     Tolerates truncation: stops at the first token that runs past the end of `fdt`,

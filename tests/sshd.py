@@ -5,14 +5,14 @@ runs `/usr/sbin/sshd -D -e -f CFG -E LOG`; `stop()` SIGKILLs it AND its per-conn
 children (what a host vanishing under kexec looks like to a client: the TCP connection
 dies), and `start()` again comes back on the same port with the same host key.
 
-`ssh_lab` (module scope) is a client key plus two servers, `target` and `jump` (the jump
-host, for ProxyJump), and a known_hosts file that knows both. Tests are skipped, with the
-reason printed, when sshd or ssh-keygen is missing (Debian: openssh-server, openssh-client).
+`SSHLab` (the module-scoped `ssh_lab` fixture of conftest.py) is a client key plus two
+servers, `target` and `jump` (the jump host, for ProxyJump), and a known_hosts file that knows
+both. Tests are skipped, with the reason printed, when sshd or ssh-keygen is missing (Debian:
+openssh-server, openssh-client).
 """
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
 import signal
@@ -21,14 +21,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Optional
 
 import pytest
 
 SSHD_BIN = os.environ.get("KHO_TEST_SSHD", "/usr/sbin/sshd")
 PRIVSEP_DIR = "/run/sshd"
 
-__all__ = ["SSHD", "SSHLab", "ssh_lab", "require_openssh", "keygen", "free_port", "descendants"]
+__all__ = ["SSHD", "SSHLab", "require_openssh", "keygen", "free_port", "descendants"]
 
 
 def require_openssh() -> None:
@@ -38,7 +38,8 @@ def require_openssh() -> None:
         missing.append("ssh-keygen")
     reason = None
     if missing:
-        reason = f"OpenSSH not installed ({', '.join(missing)} missing; apt-get install openssh-server)"
+        reason = (f"OpenSSH not installed ({', '.join(missing)} missing; "
+                  "apt-get install openssh-server)")
     elif os.geteuid() == 0 and not os.path.isdir(PRIVSEP_DIR):
         try:
             os.makedirs(PRIVSEP_DIR, mode=0o755, exist_ok=True)
@@ -62,10 +63,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def descendants(pid: int) -> List[int]:
+def descendants(pid: int) -> list[int]:
     """All processes below pid (by /proc ppid), deepest last; sshd's per-connection
     children call setsid(), so killpg would miss them."""
-    children: Dict[int, List[int]] = {}
+    children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -126,13 +127,14 @@ class SSHD:
     @property
     def host_pubkey(self) -> str:
         """'ssh-ed25519 AAAA...' (no comment)."""
-        return " ".join((self.host_key.parent / (self.host_key.name + ".pub")).read_text().split()[:2])
+        pub = self.host_key.parent / (self.host_key.name + ".pub")
+        return " ".join(pub.read_text().split()[:2])
 
     @property
     def known_hosts_line(self) -> str:
         return f"[127.0.0.1]:{self.port} {self.host_pubkey}\n"
 
-    def start(self, timeout: float = 10.0) -> "SSHD":
+    def start(self, timeout: float = 10.0) -> SSHD:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.proc = subprocess.Popen(
             [SSHD_BIN, "-D", "-e", "-f", str(self.config), "-E", str(self.log)],
@@ -142,7 +144,8 @@ class SSHD:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited rc {self.proc.returncode}: {self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited rc {self.proc.returncode}: {self.log_tail()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     if s.recv(64).startswith(b"SSH-2.0-"):
@@ -151,7 +154,8 @@ class SSHD:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"{self.name} did not answer on port {self.port}: {self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} did not answer on port {self.port}: {self.log_tail()}")
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -196,24 +200,3 @@ class SSHLab:
                     look_for_keys=False, connect_timeout=5.0)
         base.update(kw)
         return base
-
-
-@pytest.fixture(scope="module")
-def ssh_lab(tmp_path_factory) -> Iterator[SSHLab]:
-    require_openssh()
-    d = tmp_path_factory.mktemp("sshlab")
-    client_key = keygen(d / "id_ed25519", "kho-test-client")
-    auth = d / "authorized_keys"
-    auth.write_text((d / "id_ed25519.pub").read_text())
-    servers = []
-    try:
-        target = SSHD(d, auth, "target").start()
-        servers.append(target)
-        jump = SSHD(d, auth, "jump").start()
-        servers.append(jump)
-        kh = d / "known_hosts"
-        kh.write_text(target.known_hosts_line + jump.known_hosts_line)
-        yield SSHLab(d, getpass.getuser(), client_key, target, jump, kh)
-    finally:
-        for s in servers:
-            s.stop()

@@ -18,8 +18,15 @@ from kho_agent.abi.encode.block import write_block_chain
 from kho_agent.abi.encode.memfd import encode_memfd_ser, write_memfd
 from kho_agent.abi.encode.metadata import encode_metadata
 from kho_agent.abi.encode.vmalloc import write_vmalloc
-from kho_agent.abi.memfd import (FOLIO_DIRTY, FOLIO_UPTODATE, MEMFD_SER_SIZE, MemfdFolio,
-                                 decode_memfd_ser, folio_pfns, read_memfd)
+from kho_agent.abi.memfd import (
+    FOLIO_DIRTY,
+    FOLIO_UPTODATE,
+    MEMFD_SER_SIZE,
+    MemfdFolio,
+    decode_memfd_ser,
+    folio_pfns,
+    read_memfd,
+)
 from kho_agent.abi.memory import MemoryReadError, SparseMemory
 from kho_agent.abi.metadata import METADATA, MetadataError, decode_metadata
 from kho_agent.abi.vmalloc import VMALLOC_ALLOC, KhoVmalloc, read_vmalloc, read_vmalloc_pages

@@ -12,8 +12,15 @@ from hypothesis import strategies as st
 
 from kho_agent.abi.encode.fdt import build_fdt
 from kho_agent.abi.encode.kho import encode_kho_fdt
-from kho_agent.abi.fdt import (FDT_MAGIC, Fdt, FdtError, FdtNode, FdtProperty, parse_fdt,
-                               parse_header)
+from kho_agent.abi.fdt import (
+    FDT_MAGIC,
+    Fdt,
+    FdtError,
+    FdtNode,
+    FdtProperty,
+    parse_fdt,
+    parse_header,
+)
 from kho_agent.abi.kho import KhoFdtError, KhoSubtree, decode_kho_fdt
 from kho_agent.abi.versions import UnsupportedAbi
 
@@ -162,7 +169,8 @@ def test_kho_encode_decode(compat):
         subs = [KhoSubtree(s.name, s.phys, None) for s in subs]
     blob = encode_kho_fdt(compat, 0x1234000, subs)
     root = decode_kho_fdt(blob)
-    assert (root.compatible, root.memory_map_root, root.abi.compatible) == (compat, 0x1234000, compat)
+    assert ((root.compatible, root.memory_map_root, root.abi.compatible)
+            == (compat, 0x1234000, compat))
     assert not root.recovered and not root.truncated and root.notes == []
     # kho_add_subtree() puts the newest subtree first
     assert [(s.name, s.phys, s.size) for s in root.subtrees] == [
@@ -317,7 +325,8 @@ def test_parse_fdtsw_output(tree, rsv):
 @needs_libfdt
 @pytest.mark.parametrize("compat", ["kho-v2", "kho-v3", "kho-v4"])
 def test_encode_kho_fdt_read_by_libfdt(compat):
-    subs = [MD, LUO] if compat != "kho-v2" else [KhoSubtree(s.name, s.phys, None) for s in (MD, LUO)]
+    subs = ([MD, LUO] if compat != "kho-v2"
+            else [KhoSubtree(s.name, s.phys, None) for s in (MD, LUO)])
     blob = encode_kho_fdt(compat, 0xABC000, subs)
     f = libfdt.Fdt(blob)
     assert f.getprop(0, "compatible").as_str() == compat

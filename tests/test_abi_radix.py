@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 
 from kho_agent.abi.encode.radix import RadixBuilder, coalesce, encode_key, split_pages
 from kho_agent.abi.memory import MemoryReadError, SparseMemory
-from kho_agent.abi.radix import decode_key, geometry, walk_radix
-from kho_agent.abi.versions import (KHO_VERSIONS, PAGE_SIZES, UnsupportedAbi, kho_abi,
-                                    page_shift)
+from kho_agent.abi.radix import RadixWalk, decode_key, geometry, walk_radix
+from kho_agent.abi.versions import KHO_VERSIONS, PAGE_SIZES, UnsupportedAbi, kho_abi, page_shift
 
 COMBOS = [(ps, c) for ps in PAGE_SIZES for c in KHO_VERSIONS]
 COMBO_IDS = [f"{ps // 1024}K-{c}" for ps, c in COMBOS]
@@ -459,3 +458,285 @@ def test_fuzzed_node_pages(page_size, data):
     assert w.preserved_bytes == sum(c * (page_size << o) for _, o, c in w.blocks)
     assert sum(w.pages_by_order.values()) == sum(c for _, _, c in w.blocks)
     w.to_json()
+
+
+# --- the word-wise walker against a straightforward, bit-by-bit reference -----------------
+
+def _reference_walk(read, root, g, in_ram=None, max_nodes=1 << 20):
+    """The walker's specification, written plainly: nodes in key order, every leaf bit
+    looked at one by one, runs of set bits found bit by bit, blocks coalesced as found.
+    Same errors and bounds as walk_radix (the fast walker must match it exactly)."""
+    w = RadixWalk(root=root, geometry=g)
+    ps = g.page_size
+    key_bits = min(g.order0 + 1, g.key_bits)
+
+    def emit(pa, order, n):
+        w.pages_by_order[order] = w.pages_by_order.get(order, 0) + n
+        w.preserved_bytes += n * (ps << order)
+        if w.blocks and w.blocks[-1][1] == order and \
+                w.blocks[-1][0] + w.blocks[-1][2] * (ps << order) == pa:
+            w.blocks[-1][2] += n
+        else:
+            w.blocks.append([pa, order, n])
+
+    visited = set()
+    stack = [(root, g.depth - 1, 0, "root")]
+    while stack:
+        phys, level, prefix, origin = stack.pop()
+        what = f"level-{level} node 0x{phys:x} ({origin})"
+        if phys % ps:
+            w.error(f"{what}: pointer not page-aligned")
+            continue
+        if phys in visited:
+            w.error(f"{what}: page already visited (cycle or shared node)")
+            continue
+        if w.nodes >= max_nodes:
+            w.error(f"{what}: more than {max_nodes} node pages, walk stopped")
+            break
+        visited.add(phys)
+        try:
+            page = read(phys, ps)
+        except MemoryReadError as e:
+            w.error(f"{what}: unreadable ({e})")
+            continue
+        if len(page) != ps:
+            w.error(f"{what}: short read ({len(page)} bytes)")
+            continue
+        w.nodes += 1
+        w.node_pages.append(phys)
+        if level:
+            children = []
+            for idx in range(ps // 8):
+                child = int.from_bytes(page[idx * 8:idx * 8 + 8], "little")
+                if not child:
+                    continue
+                key = prefix | (idx << g.shift(level))
+                if key >> key_bits:
+                    w.error(f"{what}: slot {idx} points past the key space "
+                            f"(depth {g.depth} for {g.compatible})")
+                    continue
+                children.append((child, level - 1, key, f"slot {idx} of 0x{phys:x}"))
+            stack.extend(reversed(children))
+            continue
+        runs = []                                   # [first bit, nbits], bit by bit
+        for bit in range(ps * 8):
+            if page[bit >> 3] >> (bit & 7) & 1:
+                if runs and runs[-1][0] + runs[-1][1] == bit:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([bit, 1])
+        if not prefix:
+            for bit, n in runs:
+                for key in range(bit, bit + n):
+                    if key == 0:
+                        w.error("leaf 0: bit 0 set, a key without an order bit")
+                        continue
+                    pa, order = decode_key(g, key)
+                    if in_ram is not None and not in_ram(pa, ps << order):
+                        w.error(f"block 0x{pa:x} order {order} outside RAM")
+                        continue
+                    emit(pa, order, 1)
+            continue
+        order = g.order0 - (prefix.bit_length() - 1)
+        ss = g.page_shift + order
+        base = (prefix << ss) & ((1 << 64) - 1)
+        if runs and in_ram is not None:
+            lo, hi = runs[0][0], runs[-1][0] + runs[-1][1]
+            if not in_ram(base + (lo << ss), (hi - lo) << ss):
+                good = []
+                for bit, n in runs:
+                    if in_ram(base + (bit << ss), n << ss):
+                        good.append([bit, n])
+                    else:
+                        w.error(f"leaf at key 0x{prefix:x}: blocks 0x{base + (bit << ss):x} "
+                                f"(order {order}, {n}) outside RAM")
+                runs = good
+        for bit, n in runs:
+            emit(base + (bit << ss), order, n)
+    return w
+
+
+def _same_walk(a, b):
+    assert a.to_json() == b.to_json()
+    assert (a.node_pages, a.suppressed_errors, a.errors) == (b.node_pages, b.suppressed_errors,
+                                                             b.errors)
+
+
+@st.composite
+def leaf_bitmaps(draw, nbytes):
+    """Leaf bitmaps of every shape the word-wise decoder distinguishes: empty, all ones,
+    a few bits, one bit per word (isolated pages), several bits per word, runs crossing
+    word boundaries, full words, random words, alternating bits."""
+    nwords = nbytes // 8
+    v = 0
+    kind = draw(st.sampled_from(["few", "one-per-word", "isolated", "runs", "words", "mixed"]))
+    if kind == "few":
+        for b in draw(st.lists(st.integers(0, nbytes * 8 - 1), max_size=70)):
+            v |= 1 << b
+    elif kind == "one-per-word":
+        step = draw(st.sampled_from([1, 2, 7, 64]))
+        rng = random.Random(draw(st.integers(0, 1 << 32)))
+        for j in range(0, nwords, step):
+            v |= 1 << (64 * j + rng.randrange(64))
+    elif kind == "isolated":                    # random, no two bits adjacent
+        rng = random.Random(draw(st.integers(0, 1 << 32)))
+        density = draw(st.sampled_from([2, 5, 64, 300]))
+        for b in range(0, nbytes * 8, 2):
+            if rng.randrange(density) == 0:
+                v |= 1 << b
+    elif kind == "runs":
+        for start, n in draw(st.lists(st.tuples(st.integers(0, nbytes * 8 - 1),
+                                                st.integers(1, 300)), max_size=40)):
+            v |= ((1 << n) - 1) << start
+    elif kind == "words":
+        for j, x in draw(st.dictionaries(st.integers(0, nwords - 1),
+                                         st.sampled_from([1, 3, 0x5555555555555555,
+                                                          (1 << 64) - 1, 1 << 63, 0x8001]),
+                                         max_size=80)).items():
+            v |= x << (64 * j)
+    else:
+        v = int.from_bytes(random.Random(draw(st.integers(0, 1 << 32))).randbytes(nbytes),
+                           "little")
+        v &= int.from_bytes(random.Random(draw(st.integers(0, 1 << 32))).randbytes(nbytes),
+                            "little") if draw(st.booleans()) else -1
+    v &= (1 << (nbytes * 8)) - 1
+    page = v.to_bytes(nbytes, "little")
+    return draw(st.sampled_from([page, bytes(nbytes), b"\xff" * nbytes])) \
+        if draw(st.integers(0, 9)) == 0 else page
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_leaf_blocks_word_wise_equals_bit_by_bit(page_size, data):
+    from kho_agent.abi.radix import _leaf_blocks
+    page = data.draw(leaf_bitmaps(page_size))
+    shift = data.draw(st.sampled_from([0, 12, 16, 40]))
+    base = data.draw(st.sampled_from([0, 1 << 40, (1 << 64) - (1 << 63)]))
+    v = int.from_bytes(page, "little")
+    want = []
+    while v:                                          # runs, one set bit at a time
+        low = (v & -v).bit_length() - 1
+        n = ((v >> low) ^ ((v >> low) + 1)).bit_length() - 1
+        want.append([base + (low << shift), 5, n])
+        v &= ~(((1 << n) - 1) << low)
+    got, total = _leaf_blocks(page, base, shift, 5)
+    assert got == want and total == sum(n for _, _, n in want)
+
+
+@pytest.mark.parametrize("page_size,compat", COMBOS, ids=COMBO_IDS)
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_walk_equals_reference_on_built_trees(page_size, compat, data):
+    """Trees of every order: scattered blocks, isolated pages (one in k), dense runs that
+    cross leaves; with and without an in_ram that cuts through them."""
+    g = geometry(page_size, compat)
+    blocks = data.draw(block_sets(g))
+    mem, b = _build(g, blocks)
+    order = data.draw(st.integers(g.min_order, min(g.order0, g.min_order + 10)))
+    size = page_size << order
+    start = data.draw(st.integers(0, 1 << 20)) * size
+    run = data.draw(st.integers(0, 500))          # a dense run, crossing leaves
+    every = data.draw(st.sampled_from([1, 2, 3, 64, 65]))
+    count = data.draw(st.integers(0, 3000))       # then isolated blocks, one in `every`
+    if start + (run + 1 + count * every) * size <= 1 << 64:
+        b.add_run(start, order, run)
+        for i in range(count):
+            b.add(start + (run + 1 + i * every) * size, order)
+    b.write_to(mem.write)
+    _same_walk(walk_radix(mem.read, b.root, g), _reference_walk(mem.read, b.root, g))
+    limit = data.draw(st.integers(0, 1 << 64))
+
+    def in_ram(pa, n):
+        return pa + n <= limit
+
+    _same_walk(walk_radix(mem.read, b.root, g, in_ram=in_ram),
+               _reference_walk(mem.read, b.root, g, in_ram=in_ram))
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_walk_equals_reference_on_garbage_leaves(page_size, data):
+    """Valid paths ending in leaves of arbitrary bits (and leaf 0): identical blocks,
+    errors and order."""
+    compat = data.draw(st.sampled_from(sorted(KHO_VERSIONS)))
+    g = geometry(page_size, compat)
+    mem = SparseMemory(1 << 40, page_size)
+    b = RadixBuilder(g, mem.alloc_page)
+    orders = data.draw(st.lists(st.integers(g.min_order, g.order0), min_size=1, max_size=4))
+    for o in orders:
+        b.add(data.draw(st.integers(0, (1 << (64 - g.page_shift - o)) - 1)) << (g.page_shift + o),
+              o)
+    b.add(0, g.order0)                        # key 1: makes leaf 0 exist
+    b.write_to(mem.write)
+    for leaf in _leaves(g, b):
+        if data.draw(st.booleans()):
+            mem.write(leaf, data.draw(leaf_bitmaps(page_size)))
+    limit = data.draw(st.one_of(st.none(), st.integers(0, 1 << 64)))
+    in_ram = None if limit is None else (lambda pa, n: pa + n <= limit)
+    _same_walk(walk_radix(mem.read, b.root, g, in_ram=in_ram),
+               _reference_walk(mem.read, b.root, g, in_ram=in_ram))
+
+
+def _leaves(g, b):
+    """Addresses of the builder's leaf pages (level 0)."""
+    out, todo = [], [(b.root, g.depth - 1)]
+    while todo:
+        node, level = todo.pop()
+        if level == 0:
+            out.append(node)
+            continue
+        for child in struct.unpack(f"<{g.page_size // 8}Q", b.nodes[node]):
+            if child:
+                todo.append((child, level - 1))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_walk_equals_reference_on_fuzzed_pages(page_size, data):
+    """The hostile pages of test_fuzzed_node_pages: same errors, same order, same bounds."""
+    compat = data.draw(st.sampled_from(sorted(KHO_VERSIONS)))
+    g = geometry(page_size, compat)
+    npages = 12
+    mem = SparseMemory(npages * page_size, page_size)
+    addrs = [i * page_size for i in range(npages)]
+    ptr = st.one_of(st.sampled_from(addrs), st.sampled_from(addrs).map(lambda a: a + 8), _U64)
+    for a in addrs:
+        kind = data.draw(st.sampled_from(["pointers", "garbage", "zero", "ones", "bits"]))
+        if kind == "pointers":
+            for idx, v in data.draw(st.dictionaries(st.integers(0, page_size // 8 - 1), ptr,
+                                                    max_size=8)).items():
+                mem.write(a + idx * 8, struct.pack("<Q", v))
+        elif kind == "garbage":
+            mem.write(a, random.Random(data.draw(st.integers(0, 2 ** 32))).randbytes(page_size))
+        elif kind == "ones":
+            mem.write(a, b"\xff" * page_size)
+        elif kind == "bits":
+            mem.write(a, data.draw(leaf_bitmaps(page_size)))
+    root = data.draw(st.one_of(st.sampled_from(addrs), _U64))
+    max_nodes = data.draw(st.sampled_from([1 << 20, 3]))
+
+    def in_ram(pa, n):
+        return pa + n <= npages * page_size
+
+    _same_walk(walk_radix(mem.read, root, g, in_ram=in_ram, max_nodes=max_nodes),
+               _reference_walk(mem.read, root, g, in_ram=in_ram, max_nodes=max_nodes))
+
+
+def test_walk_restores_gc_state():
+    import gc
+    g, mem, b, _ = _tree()
+    assert gc.isenabled()
+    walk_radix(mem.read, b.root, g)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        walk_radix(mem.read, b.root, g)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -11,8 +11,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kho_agent.report import build_report, prom_text
 from kho_agent.state import AgentState
-from kho_agent.workload import (SpecError, fill_pattern, hash_fd, load_spec, make_memfd,
-                                parse_size, parse_spec, pfn_runs, runs_to_pfns)
+from kho_agent.workload import (
+    SpecError,
+    fill_pattern,
+    hash_fd,
+    load_spec,
+    make_memfd,
+    parse_size,
+    parse_spec,
+    pfn_runs,
+    runs_to_pfns,
+)
 
 
 def test_sizes() -> None:

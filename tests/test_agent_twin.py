@@ -17,7 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from kho_agent.holder import HolderClient
 from kho_agent.kernel import LiveUpdateError
 from kho_agent.workload import fill_pattern, hash_fd, make_memfd
-from kho_fleet.sim.handover import SimResult, drive_handover, run_agent, run_sim_handover, workload_spec
+from kho_fleet.sim.handover import (
+    SimResult,
+    drive_handover,
+    run_agent,
+    run_sim_handover,
+    workload_spec,
+)
 from kho_fleet.sim.kernelimage import make_kernel_image
 from kho_fleet.sim.twinkernel import start_twin
 
@@ -25,7 +31,8 @@ from kho_fleet.sim.twinkernel import start_twin
 def _report_files(root: str) -> tuple[dict, dict]:
     state = Path(root) / "var/lib/kho-agent"
     rep = json.loads((state / "report.json").read_text())
-    prom = {f.name: f for f in text_string_to_metric_families((state / "kho-agent.prom").read_text())}
+    prom = {f.name: f
+            for f in text_string_to_metric_families((state / "kho-agent.prom").read_text())}
     return rep, prom
 
 
@@ -159,7 +166,8 @@ def test_holder_owns_liveupdate_and_adopts_a_workload_memfd(tmp_path: Path) -> N
     """A real workload hands its memfd to the holder (SCM_RIGHTS), it survives the kexec,
     and the workload claims it back: same bytes, same PFNs."""
     spec = tmp_path / "w.json"
-    spec.write_text(json.dumps({"sessions": [{"name": "app", "memfds": [{"token": 9, "adopt": True}]}]}))
+    spec.write_text(json.dumps(
+        {"sessions": [{"name": "app", "memfds": [{"token": 9, "adopt": True}]}]}))
     image = make_kernel_image(str(tmp_path / "img"), "7.2.14-twin")
     with start_twin(str(tmp_path / "h"), boot_delay=0.1) as twin:
         root = twin.root
@@ -194,7 +202,8 @@ def test_holder_owns_liveupdate_and_adopts_a_workload_memfd(tmp_path: Path) -> N
 
 def test_bad_spec_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"sessions": [{"name": "x", "memfds": [{"token": 1, "size": "lots"}]}]}))
+    bad.write_text(json.dumps(
+        {"sessions": [{"name": "x", "memfds": [{"token": 1, "size": "lots"}]}]}))
     proc = subprocess.run([sys.executable, "-m", "kho_agent", "preserve", "--spec", str(bad)],
                           capture_output=True, text=True,
                           env={**os.environ, "KHO_AGENT_TWIN": str(tmp_path / "nohost")})

@@ -296,9 +296,9 @@ def test_internal_error_is_one_line_and_debug_shows_the_traceback(scratch: Path)
             "sys.exit(c.main(['status', '--state-dir', sys.argv[1]]))\n")
     argv = [sys.executable, "-c", code, str(scratch)]
     proc = subprocess.run(argv, capture_output=True, text=True, env=agent_env(), timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 70
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "internal error: RuntimeError: boom second line" in lines[0]
+    assert len(lines) == 1 and "RuntimeError: boom second line" in lines[0]
     assert "KHO_FLEET_DEBUG=1" in lines[0] and "Traceback" not in proc.stderr
     proc = subprocess.run(argv, capture_output=True, text=True,
                           env=agent_env({"KHO_FLEET_DEBUG": "1"}), timeout=60)

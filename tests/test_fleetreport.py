@@ -10,12 +10,18 @@ from html.parser import HTMLParser
 
 import pytest
 
+from kho_fleet.fleetreport import (
+    SCHEMA,
+    build_fleet_report,
+    controller_timings,
+    downtime_summary,
+    host_report_path,
+    percentile,
+    write_fleet_report,
+    write_host_report,
+)
 from kho_fleet.playbook import Gate
 from kho_fleet.rollout import judge_gate
-
-from kho_fleet.fleetreport import (SCHEMA, build_fleet_report, controller_timings,
-                                   downtime_summary, host_report_path, percentile,
-                                   write_fleet_report, write_host_report)
 from kho_fleet.statedb import StateDB
 
 TARGET = "7.2.1-kho"

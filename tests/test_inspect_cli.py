@@ -10,9 +10,9 @@ import random
 import subprocess
 import sys
 
+import imagegen
 import pytest
 
-import imagegen
 from kho_agent.abi.encode.radix import coalesce
 from kho_agent.inspect import SCHEMA, InspectError, inspect_memory
 from kho_agent.physmem import open_memory

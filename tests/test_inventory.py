@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from kho_fleet.inventory import (HOST_VARS, InventoryError, expand_host_range, load_inventory)
+from kho_fleet.inventory import HOST_VARS, InventoryError, expand_host_range, load_inventory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,8 +202,8 @@ def test_ignored_vars_warn(tmp_path) -> None:
           hosts: {h: }
         """)
     inv = load_inventory(path)
-    assert inv.warnings == [f"{path}:3: group 'all': ansible_ssh_common_args: not honoured by "
-                            "kho-fleet; ProxyJump and other ssh options come from ~/.ssh/config"]
+    assert inv.warnings == [(f"{path}:3: group 'all': ansible_ssh_common_args: not honoured by "
+                             "kho-fleet; ProxyJump and other ssh options come from ~/.ssh/config")]
 
 
 @pytest.mark.parametrize("text, prefix", [
@@ -245,8 +245,8 @@ def test_ignored_vars_warn(tmp_path) -> None:
     ("all:\n  hosts:\n    'a b':\n", "3: host 'a b': host names may use letters"),
     ("all:\n  hosts:\n    h1: [1]\n", "3: host 'h1': expected a mapping of host vars"),
     ("all:\n  children:\n    g:\n      hosts: {g: }\n", "4: host 'g': the name is also a group"),
-    ("all:\n  children:\n    a:\n      children:\n        b:\n          children:\n"
-     "            a:\n", "3: group 'a': is its own descendant"),
+    (("all:\n  children:\n    a:\n      children:\n        b:\n          children:\n"
+      "            a:\n"), "3: group 'a': is its own descendant"),
     ("all:\n  children:\n    all:\n", "3: group 'all': `all` cannot be a child group"),
 ])
 def test_errors_name_file_line_field(tmp_path, text: str, prefix: str) -> None:

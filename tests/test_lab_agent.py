@@ -12,14 +12,15 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any
 
 import pytest
-
-from kho_fleet.lab.guest import LabGuest
 from labsupport import KERNEL_A, KERNEL_B, KERNEL_V3, REPO, Coverage, boot_lab_guest
 from labsupport import LAB_CACHE as CACHE
+
+from kho_fleet.lab.guest import LabGuest
 
 pytestmark = pytest.mark.lab
 PYZ = "/root/kho-agent.pyz"
@@ -43,7 +44,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabGuest]:
 
 
 @pytest.fixture(scope="module")
-def seen() -> Dict[str, Any]:
+def seen() -> dict[str, Any]:
     return {}
 
 
@@ -56,13 +57,13 @@ def agent(g: LabGuest, *args: str, timeout: float = 300.0) -> tuple[int, Any, st
     return rc, data, err.strip()
 
 
-def need(seen: Dict[str, Any], key: str) -> Any:
+def need(seen: dict[str, Any], key: str) -> Any:
     if key not in seen:
         pytest.skip(f"needs an earlier step ({key}) that did not pass")
     return seen[key]
 
 
-def test_preflight_and_abi_refusal(guest: LabGuest, seen: Dict[str, Any]) -> None:
+def test_preflight_and_abi_refusal(guest: LabGuest, seen: dict[str, Any]) -> None:
     rc, res, err = agent(guest, "preflight", "--kernel", "/root/bzImage-lab-b",
                          "--spec", "/root/spec.json")
     assert rc == 0, (err, res)
@@ -77,7 +78,7 @@ def test_preflight_and_abi_refusal(guest: LabGuest, seen: Dict[str, Any]) -> Non
     seen["preflight"] = True
 
 
-def test_stage_preserve_snapshot(guest: LabGuest, seen: Dict[str, Any], tmp_path: Path) -> None:
+def test_stage_preserve_snapshot(guest: LabGuest, seen: dict[str, Any], tmp_path: Path) -> None:
     need(seen, "preflight")
     rc, staged, err = agent(guest, "stage", "--kernel", "/root/bzImage-lab-b")
     assert rc == 0 and staged["kexec_loaded"], err
@@ -106,7 +107,7 @@ def test_stage_preserve_snapshot(guest: LabGuest, seen: Dict[str, Any], tmp_path
     seen["pres"] = pres
 
 
-def test_kexec_verify_report(guest: LabGuest, seen: Dict[str, Any]) -> None:
+def test_kexec_verify_report(guest: LabGuest, seen: dict[str, Any]) -> None:
     pres = need(seen, "pres")
     old = guest.boot_id()
     rc, _, err = agent(guest, "kexec")

@@ -21,18 +21,25 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import yaml
+from labsupport import (
+    KERNEL_A,
+    KERNEL_B,
+    KERNEL_V3,
+    Coverage,
+    lab_guest_skip_reason,
+    rootfs_skip_reason,
+)
+from labsupport import LAB_CACHE as CACHE
 
 from kho_fleet.lab.fleet import LabFleet
 from kho_fleet.rollout import Rollout, RolloutOptions
-from labsupport import (KERNEL_A, KERNEL_B, KERNEL_V3, Coverage, lab_guest_skip_reason,
-                        rootfs_skip_reason)
-from labsupport import LAB_CACHE as CACHE
 
 pytestmark = pytest.mark.lab
 
@@ -45,7 +52,7 @@ WORKLOADS = {"sessions": [
     {"name": "vm-ram", "memfds": [{"token": 0x1001, "size": "64MiB", "seed": 1}]},
     {"name": "cache", "memfds": [{"token": 0x2001, "size": "8MiB", "seed": 2}]}]}
 WORKLOAD_PAGES = (72 << 20) // 4096
-FIGURES: Dict[str, Any] = {}                     # printed at the end of the module
+FIGURES: dict[str, Any] = {}                     # printed at the end of the module
 
 
 def _skip_reason() -> str:
@@ -68,7 +75,7 @@ class Lab:
     inventory: Path
     fleet: LabFleet
     up: dict
-    seen: Dict[str, Any] = field(default_factory=dict)
+    seen: dict[str, Any] = field(default_factory=dict)
 
     def ssh(self, host: str, cmd: str, timeout: float = 60.0) -> str:
         """stdout of `cmd` run as root on `host` (must exit 0)."""
@@ -78,7 +85,7 @@ class Lab:
         finally:
             g.stop()
 
-    def boot_ids(self) -> Dict[str, str]:
+    def boot_ids(self) -> dict[str, str]:
         """Every guest's boot_id (a new one after each kexec)."""
         return {h: self.ssh(h, "cat /proc/sys/kernel/random/boot_id").strip() for h in HOSTS}
 
@@ -135,7 +142,7 @@ def write_playbook(lab: Lab, name: str, target: Path) -> Path:
 
 def run_rollout(lab: Lab, name: str, target: Path, inventory: Optional[Path] = None,
                 progress: Optional[Callable[[str, str, str], None]] = None
-                ) -> tuple[Rollout, dict, Dict[str, dict]]:
+                ) -> tuple[Rollout, dict, dict[str, dict]]:
     """Run a rollout in-process; (rollout, fleet report, per-host written reports)."""
     opts = RolloutOptions(rollouts_dir=str(lab.work / "rollouts"),
                           reports_dir=str(lab.work / "reports"), sim_dir=str(lab.work / "sim"),
@@ -152,7 +159,7 @@ def run_rollout(lab: Lab, name: str, target: Path, inventory: Optional[Path] = N
     return ro, fleet, reports
 
 
-def step_times(rep: dict) -> Dict[str, float]:
+def step_times(rep: dict) -> dict[str, float]:
     """Seconds of each agent step, from the controller's events ("agent stage": "rc 0 in 2.1s")."""
     out = {}
     for e in rep["controller"]["events"]:
@@ -183,7 +190,7 @@ def check_handover(rep: dict, *, frm: str, to: str, count: int) -> None:
     assert 0 < rep["controller"]["downtime_s"] < 180
 
 
-def record_figures(name: str, reports: Dict[str, dict]) -> None:
+def record_figures(name: str, reports: dict[str, dict]) -> None:
     """Downtime (controller and agent) and agent step times per host, for docs/lab.md."""
     FIGURES[name] = {h: {"controller_downtime_s": round(r["controller"]["downtime_s"], 1),
                          "agent_downtime": r["agent"]["downtime"],
@@ -228,7 +235,7 @@ def test_a_upgrade_with_dump_between_snapshot_and_kexec(lab: Lab) -> None:
     need(lab, "up")
     before = lab.boot_ids()
     core = lab.work / "lab-1-before-kexec.core"
-    caught: Dict[str, Any] = {}
+    caught: dict[str, Any] = {}
 
     def hook(host: str, state: str, detail: str) -> None:
         """At lab-1's `snapshotted`: its agent records, then `kho-fleet lab dump`."""
@@ -240,7 +247,7 @@ def test_a_upgrade_with_dump_between_snapshot_and_kexec(lab: Lab) -> None:
             proc = cli("lab", "dump", host, "--out", core, "--workdir", lab.fleet.workdir,
                        "--json", timeout=300)
             caught["dump"] = json.loads(proc.stdout) if proc.returncode == 0 else proc.stderr
-        except Exception as e:  # noqa: BLE001 - reported by the assertions below
+        except Exception as e:  # reported by the assertions below
             caught["error"] = repr(e)
 
     ro, fleet, reports = run_rollout(lab, "a", KERNEL_B, progress=hook)

@@ -17,13 +17,14 @@ import base64
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any
 
 import pytest
+from labsupport import boot_lab_guest
 
 from kho_fleet.lab.guest import GuestError, LabGuest
-from labsupport import boot_lab_guest
 
 pytestmark = pytest.mark.lab
 
@@ -78,14 +79,14 @@ while True:
 """
 
 
-def py(guest: LabGuest, body: str, timeout: float = 120.0) -> Dict[str, Any]:
+def py(guest: LabGuest, body: str, timeout: float = 120.0) -> dict[str, Any]:
     """Run PRELUDE + body with python3 on the guest; the last stdout line is JSON."""
     rc, out, err = guest.run(["python3", "-"], stdin=(PRELUDE + body).encode(), timeout=timeout)
     assert rc == 0, f"guest python failed (rc {rc}):\n{err[-3000:]}"
     return json.loads(out.strip().splitlines()[-1])
 
 
-def start_holder(guest: LabGuest, name: str, token: int, state: str) -> Dict[str, Any]:
+def start_holder(guest: LabGuest, name: str, token: int, state: str) -> dict[str, Any]:
     script = f"NAME, TOKEN, SIZE, STATE = {name!r}, {token}, {SIZE}, {state!r}\n" + HOLDER
     guest.run(["sh", "-c", "cat > /root/holder.py"], stdin=(PRELUDE + script).encode(),
               check=True)
@@ -114,18 +115,18 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabGuest]:
 
 
 @pytest.fixture(scope="module")
-def state() -> Dict[str, Any]:
+def state() -> dict[str, Any]:
     """What earlier tests learnt, for the later ones."""
     return {}
 
 
-def need(state: Dict[str, Any], key: str) -> Any:
+def need(state: dict[str, Any], key: str) -> Any:
     if key not in state:
         pytest.skip(f"needs an earlier step ({key}) that did not pass")
     return state[key]
 
 
-def test_outgoing_kernel_basics(guest: LabGuest, state: Dict[str, Any]) -> None:
+def test_outgoing_kernel_basics(guest: LabGuest, state: dict[str, Any]) -> None:
     r = py(guest, """
 res = {"release": k.release(), "cmdline": k.cmdline(), "page_size": k.page_size(),
        "boot_time": k.boot_time(), "now": time.time(), "mem": k.mem_available(),
@@ -172,7 +173,7 @@ out(res)
     state["basics"] = True
 
 
-def test_holder_preserves_memfd(guest: LabGuest, state: Dict[str, Any]) -> None:
+def test_holder_preserves_memfd(guest: LabGuest, state: dict[str, Any]) -> None:
     h = start_holder(guest, SESSION, TOKEN, "/root/holder.json")
     assert h["session"] == SESSION
     assert len(h["pfns"]) == PAGES and all(h["pfns"]), "memfd_pfns: a page without PFN"
@@ -211,7 +212,7 @@ out(res)
     assert "fdt" in r["ls_out"] and r["missing"] is None and "bad debugfs path" in r["escape"]
 
 
-def test_qmp_dump_matches_pagemap(guest: LabGuest, state: Dict[str, Any],
+def test_qmp_dump_matches_pagemap(guest: LabGuest, state: dict[str, Any],
                                   tmp_path: Path) -> None:
     """QMP dump-guest-memory while the holder runs: the memfd's bytes are at its PFNs, and
     the guest runs on afterwards (resume)."""
@@ -231,7 +232,7 @@ def test_qmp_dump_matches_pagemap(guest: LabGuest, state: Dict[str, Any],
     print(f"\nQMP dump: {dump.size >> 20} MiB in {dump.seconds:.1f}s")
 
 
-def test_kexec_load_paths(guest: LabGuest, state: Dict[str, Any]) -> None:
+def test_kexec_load_paths(guest: LabGuest, state: dict[str, Any]) -> None:
     need(state, "holder")
     r = py(guest, f"""
 res = {{}}
@@ -264,7 +265,7 @@ out(res)
     state["loaded"] = True
 
 
-def test_kexec_into_b(guest: LabGuest, state: Dict[str, Any]) -> None:
+def test_kexec_into_b(guest: LabGuest, state: dict[str, Any]) -> None:
     need(state, "loaded")
     old = guest.boot_id()
     r = py(guest, "k.kexec_exec(delay=2.0); out({'returned': time.time()})")
@@ -281,7 +282,7 @@ def test_kexec_into_b(guest: LabGuest, state: Dict[str, Any]) -> None:
     state["kexec1"] = back
 
 
-def test_incoming_kernel_retrieves_memfd(guest: LabGuest, state: Dict[str, Any]) -> None:
+def test_incoming_kernel_retrieves_memfd(guest: LabGuest, state: dict[str, Any]) -> None:
     need(state, "kexec1")
     h = state["holder"]
     r = py(guest, f"""
@@ -345,7 +346,7 @@ out(res)
     state["retrieved"] = True
 
 
-def test_second_kexec_through_syscall_fallbacks(guest: LabGuest, state: Dict[str, Any]) -> None:
+def test_second_kexec_through_syscall_fallbacks(guest: LabGuest, state: dict[str, Any]) -> None:
     """lab-b -> lab-b: kexec_file_load(2) + reboot(LINUX_REBOOT_CMD_KEXEC) without kexec-tools."""
     need(state, "retrieved")
     h = start_holder(guest, SESSION + "-2", TOKEN + 2, "/root/holder2.json")

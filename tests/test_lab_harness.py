@@ -9,7 +9,6 @@ import socket
 import stat
 import threading
 from pathlib import Path
-from typing import List
 
 import pytest
 
@@ -84,7 +83,7 @@ def test_parse_probe_output_rejects_inconsistent(mutate) -> None:  # type: ignor
         parse_probe_output(mutate(SERIAL))
 
 
-def _fake_qmp_server(path: Path, seen: List[dict]) -> threading.Thread:
+def _fake_qmp_server(path: Path, seen: list[dict]) -> threading.Thread:
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(path))
     srv.listen(1)
@@ -121,7 +120,7 @@ def _fake_qmp_server(path: Path, seen: List[dict]) -> threading.Thread:
 
 
 def test_qmp_client(tmp_path: Path) -> None:
-    seen: List[dict] = []
+    seen: list[dict] = []
     sock = tmp_path / "q.sock"
     thread = _fake_qmp_server(sock, seen)
     client = QMPClient(sock)

@@ -12,12 +12,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any
 
 import pytest
+from labsupport import FDT_MAGIC, PAGE_SIZE, Coverage, ElfCore, root_u64_props
 
+from kho_agent.abi.fdt import parse_header
 from kho_fleet.lab.initramfs import build_init_initramfs
 from kho_fleet.lab.probe import (
     ERROR_MARKER,
@@ -29,8 +32,6 @@ from kho_fleet.lab.probe import (
     parse_probe_output,
 )
 from kho_fleet.lab.qemu import QemuConfig, QemuError, QemuVM, find_qemu
-from kho_agent.abi.fdt import parse_header
-from labsupport import PAGE_SIZE, FDT_MAGIC, Coverage, ElfCore, root_u64_props
 
 pytestmark = pytest.mark.lab
 
@@ -53,7 +54,7 @@ class LabGuest:
     dump_seconds: float
 
 
-def _static_gcc_works(tmp: Path) -> Tuple[bool, str]:
+def _static_gcc_works(tmp: Path) -> tuple[bool, str]:
     gcc = shutil.which("gcc")
     if gcc is None:
         return False, "gcc not found"
@@ -110,7 +111,7 @@ def lab_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabGuest]:
             dump.unlink()
 
 
-def run_inspect(*args: str) -> "subprocess.CompletedProcess[str]":
+def run_inspect(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     src_paths = [str(REPO / "controller"), str(REPO / "agent")]
     env["PYTHONPATH"] = os.pathsep.join(src_paths + [p for p in [env.get("PYTHONPATH")] if p])
@@ -123,7 +124,7 @@ def run_inspect(*args: str) -> "subprocess.CompletedProcess[str]":
     )
 
 
-def _json_of(proc: "subprocess.CompletedProcess[str]") -> Dict[str, Any]:
+def _json_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     assert proc.returncode == 0, f"inspect exited {proc.returncode}\nstderr:\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     try:
@@ -133,7 +134,7 @@ def _json_of(proc: "subprocess.CompletedProcess[str]") -> Dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def inspect_run(lab_guest: LabGuest) -> "subprocess.CompletedProcess[str]":
+def inspect_run(lab_guest: LabGuest) -> subprocess.CompletedProcess[str]:
     """`inspect --memory DUMP --json`, run once for the module."""
     return run_inspect("--memory", str(lab_guest.dump), "--json")
 
@@ -157,7 +158,7 @@ def test_dump_holds_memfd_pages(lab_guest: LabGuest) -> None:
 
 
 def test_inspect_finds_every_memfd_pfn(
-    lab_guest: LabGuest, inspect_run: "subprocess.CompletedProcess[str]"
+    lab_guest: LabGuest, inspect_run: subprocess.CompletedProcess[str]
 ) -> None:
     inspected = _json_of(inspect_run)
     kho = inspected["kho"]
@@ -172,7 +173,7 @@ def test_inspect_finds_every_memfd_pfn(
     assert radix["nodes"] > 0
 
     cover = Coverage.from_blocks(radix["blocks"])
-    missing: List[str] = []
+    missing: list[str] = []
     total_pages = 0
     for mf in lab_guest.report.memfds:
         pfns = mf.pfns()
@@ -198,7 +199,7 @@ def test_inspect_finds_every_memfd_pfn(
 
 
 def test_inspect_with_truncated_debugfs_fdt(
-    lab_guest: LabGuest, inspect_run: "subprocess.CompletedProcess[str]", tmp_path: Path
+    lab_guest: LabGuest, inspect_run: subprocess.CompletedProcess[str], tmp_path: Path
 ) -> None:
     """debugfs kho/out/fdt is truncated (lab finding 3): inspect must use the full FDT in memory."""
     inspected = _json_of(inspect_run)
@@ -242,7 +243,7 @@ def test_inspect_rejects_garbage(tmp_path: Path) -> None:
 
 
 def test_real_root_fdt_matches_pylibfdt(
-    lab_guest: LabGuest, inspect_run: "subprocess.CompletedProcess[str]"
+    lab_guest: LabGuest, inspect_run: subprocess.CompletedProcess[str]
 ) -> None:
     """Cross-check our FDT decoding of the real kernel's root FDT against libfdt itself."""
     libfdt = pytest.importorskip("libfdt", reason="pylibfdt not installed")

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kho_agent.kernel import get_kernel
-from kho_agent.kernel import uapi
+from kho_agent.kernel import get_kernel, uapi
 from kho_agent.kernel.base import KernelError, LiveUpdateError
 from kho_agent.kernel.linux import LinuxKernel, LinuxLiveUpdate, LinuxSession
 

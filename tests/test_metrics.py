@@ -12,8 +12,13 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from kho_fleet.metrics import (DOWNTIME_BUCKETS, METRICS, MetricsError, RolloutMetrics,
-                               metric_reference_markdown)
+from kho_fleet.metrics import (
+    DOWNTIME_BUCKETS,
+    METRICS,
+    MetricsError,
+    RolloutMetrics,
+    metric_reference_markdown,
+)
 from kho_fleet.statedb import HOST_STATES
 
 TARGET = "7.2.1-kho"

@@ -10,8 +10,9 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import yaml
@@ -97,7 +98,7 @@ def test_dashboard_structure() -> None:
     assert d["uid"] == "kho-fleet" and d["title"] and d["schemaVersion"] >= 36
     assert isinstance(d["panels"], list) and d["time"]["from"].startswith("now-")
     ids, boxes = [], []
-    for p in d["panels"] + [q for p in d["panels"] for q in p.get("panels", [])]:
+    for p in d["panels"] + [q for row in d["panels"] for q in row.get("panels", [])]:
         assert p["type"] in PANEL_TYPES, p["type"]
         assert isinstance(p["id"], int) and p["id"] > 0
         ids.append(p["id"])

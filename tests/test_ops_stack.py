@@ -27,15 +27,14 @@ from typing import Any, Callable, Optional
 
 import pytest
 import yaml
+from test_ops_grafana import DASHBOARD, dashboard_targets, substitute, variables
+from test_ops_systemd import exec_start, read_unit
 
 from kho_fleet.agentbuild import build_agent
 from kho_fleet.inventory import load_inventory
 from kho_fleet.metrics import RolloutMetrics
 from kho_fleet.rollout import Rollout, RolloutOptions
 from kho_fleet.sim.fleet import fleet_down
-
-from test_ops_grafana import DASHBOARD, dashboard_targets, substitute, variables
-from test_ops_systemd import exec_start, read_unit
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"

@@ -10,9 +10,18 @@ import struct
 import pytest
 
 from kho_agent.abi.memory import MemoryReadError
-from kho_agent.physmem import (DevMem, ElfCore, KCore, PhysMemError, RawImage, Segment,
-                               open_live_memory, open_memory, system_ram_ranges,
-                               write_elf_core)
+from kho_agent.physmem import (
+    DevMem,
+    ElfCore,
+    KCore,
+    PhysMemError,
+    RawImage,
+    Segment,
+    open_live_memory,
+    open_memory,
+    system_ram_ranges,
+    write_elf_core,
+)
 
 PS = 4096
 
@@ -242,7 +251,8 @@ def _first_ram_probe():
 
 def test_live_kcore():
     if not os.path.exists("/proc/kcore"):
-        pytest.skip("/proc/kcore does not exist on this machine (container or no CONFIG_PROC_KCORE)")
+        pytest.skip("/proc/kcore does not exist on this machine "
+                    "(container or no CONFIG_PROC_KCORE)")
     probe = _first_ram_probe()
     try:
         mem = KCore()

@@ -128,8 +128,9 @@ def test_full_playbook_and_relative_paths(tmp_path) -> None:
 
 def plan(tmp_path, stages: str, hosts: str = "all") -> list[list[str]]:
     inv = load_inventory(write(tmp_path, INVENTORY, "inv.yaml"))
+    body = textwrap.indent(textwrap.dedent(stages), "  ")
     pb = load_playbook(write(tmp_path, f"name: p\nhosts: {hosts}\ntarget: {{kernel: twin:1}}\n"
-                                       f"stages:\n{textwrap.indent(textwrap.dedent(stages), '  ')}"))
+                                       f"stages:\n{body}"))
     return pb.assign_hosts(inv)
 
 
@@ -181,9 +182,10 @@ def test_select_within_play_pattern_and_unstaged_hosts_left_alone(tmp_path) -> N
 
 
 def test_select_errors(tmp_path) -> None:
-    with pytest.raises(PlaybookError, match=r"pb.yaml:6: stage 'x': hosts: .*inv.yaml: host pattern "
-                                            r"'rack-c': no host or group named 'rack-c' "
-                                            r"\(did you mean 'rack-[ab]'\?\)"):
+    with pytest.raises(PlaybookError,
+                       match=r"pb.yaml:6: stage 'x': hosts: .*inv.yaml: host pattern "
+                             r"'rack-c': no host or group named 'rack-c' "
+                             r"\(did you mean 'rack-[ab]'\?\)"):
         plan(tmp_path, "- {name: a, hosts: 1}\n- {name: x, hosts: rack-c}\n")
     with pytest.raises(PlaybookError, match=r"pb.yaml:2: hosts: 'rack-a,&rack-b' matches no host"):
         plan(tmp_path, "- {name: a}\n", hosts="rack-a,&rack-b")
@@ -201,8 +203,8 @@ HEAD = "name: t\ntarget: {kernel: twin:7.2}\n"
 
 
 @pytest.mark.parametrize("text, prefix", [
-    ("name: t\ntarget: {kernel: twin:7.2}\nstages:\n  - name: a\n    hosts: 1\n"
-     "  - name: b\n    hosts: 2\n    max_parallel: two\n",
+    (("name: t\ntarget: {kernel: twin:7.2}\nstages:\n  - name: a\n    hosts: 1\n"
+      "  - name: b\n    hosts: 2\n    max_parallel: two\n"),
      "8: stages[1].max_parallel: must be a positive integer, got 'two'"),
     ("nmae: t\n", "1: nmae: unknown key (did you mean 'name'?)"),
     ("# just a comment\n", "1: name: required"),
@@ -212,7 +214,8 @@ HEAD = "name: t\ntarget: {kernel: twin:7.2}\n"
     (HEAD + "stages: []\n", "3: stages: must be a non-empty list"),
     (HEAD + STAGES + "    max_paralel: 2\n",
      "6: stages[0].max_paralel: unknown key (did you mean 'max_parallel'?)"),
-    (HEAD + STAGES + "    max_parallel: 0\n", "6: stages[0].max_parallel: must be a positive integer"),
+    (HEAD + STAGES + "    max_parallel: 0\n",
+     "6: stages[0].max_parallel: must be a positive integer"),
     (HEAD + STAGES + "    gate: {min_sucess_ratio: 1}\n",
      "6: stages[0].gate.min_sucess_ratio: unknown key (did you mean 'min_success_ratio'?)"),
     (HEAD + STAGES + "    gate: {min_success_ratio: 1.5}\n",
@@ -231,7 +234,8 @@ HEAD = "name: t\ntarget: {kernel: twin:7.2}\n"
      "4: stages[0].hosts: required (only the last stage may omit it or say 'rest')"),
     (HEAD + "stages:\n  - {name: a, hosts: rest}\n  - {name: b}\n",
      "4: stages[0].hosts: 'rest' is only allowed in the last stage"),
-    (HEAD + "stages:\n  - {name: a, hosts: 0}\n", "4: stages[0].hosts: must be a positive host count"),
+    (HEAD + "stages:\n  - {name: a, hosts: 0}\n",
+     "4: stages[0].hosts: must be a positive host count"),
     (HEAD + "stages:\n  - {name: a, hosts: 150%}\n",
      "4: stages[0].hosts: a percentage must be in (0, 100], got '150%'"),
     (HEAD + "stages:\n  - {name: a, hosts: 0%}\n", "4: stages[0].hosts: a percentage must be in"),
@@ -241,7 +245,8 @@ HEAD = "name: t\ntarget: {kernel: twin:7.2}\n"
      "6: on_failure: must be one of halt, continue, rollback, got 'panic'"),
     (HEAD + STAGES + "timeouts: {boot_s: -5}\n",
      "6: timeouts.boot_s: must be a positive number of seconds, got -5"),
-    (HEAD + STAGES + "timeouts: {boot: 5}\n", "6: timeouts.boot: unknown key (did you mean 'boot_s'?)"),
+    (HEAD + STAGES + "timeouts: {boot: 5}\n",
+     "6: timeouts.boot: unknown key (did you mean 'boot_s'?)"),
     (HEAD + STAGES + "hosts: [a]\n", "6: hosts: must be an inventory pattern"),
     ("name: t\ntarget:\n  kernel: vmlinuz\n" + STAGES,
      "2: target.sha256: required for a kernel file"),
@@ -267,9 +272,11 @@ HEAD = "name: t\ntarget: {kernel: twin:7.2}\n"
      "10: workloads.sessions[0].memfds[0].szie: unknown key (did you mean 'size'?)"),
     (HEAD + STAGES + "workloads:\n  sessions:\n    - name: kho-agent\n",
      "8: workloads.sessions[0].name: 'kho-agent' is reserved"),
-    (HEAD + STAGES + "workloads:\n  sessions:\n    - name: vm\n      memfds:\n        - {size: 1}\n",
+    (HEAD + STAGES + "workloads:\n  sessions:\n    - name: vm\n      memfds:\n"
+     "        - {size: 1}\n",
      "10: workloads.sessions[0].memfds[0].token: required"),
-    (HEAD + STAGES + "workloads:\n  sessions:\n    - name: vm\n      memfds:\n        - {token: 1}\n",
+    (HEAD + STAGES + "workloads:\n  sessions:\n    - name: vm\n      memfds:\n"
+     "        - {token: 1}\n",
      "10: workloads.sessions[0].memfds[0].size: must be > 0"),
     (HEAD + STAGES + "workloads: {sessions: vm}\n", "6: workloads.sessions: expected a list"),
     (HEAD + STAGES + "name: again\n", "6: name: duplicate key (first on line 1)"),

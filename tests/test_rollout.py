@@ -20,10 +20,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from kho_fleet.inventory import InventoryError, load_inventory
 from kho_fleet.metrics import RolloutMetrics
 from kho_fleet.rollout import Rollout, RolloutOptions
-from kho_fleet.sim.fleet import fleet_down
 from kho_fleet.sim.twinkernel import start_twin
 from kho_fleet.statedb import StateDB
 
@@ -58,19 +56,9 @@ def cli(tmp: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=timeout, cwd=tmp)
 
 
-def twin(tmp: Path, host: str) -> dict:
+def twin_state(tmp: Path, host: str) -> dict:
+    """The twin state file of sim host `host` (under tmp/sim)."""
     return json.loads((tmp / "sim" / host / "twin.state").read_text())
-
-
-@pytest.fixture()
-def sim(tmp_path: Path):
-    """The temp dir; every sim twin started under it is powered off at the end."""
-    yield tmp_path
-    inv = tmp_path / "inventory.yaml"
-    try:
-        fleet_down(load_inventory(str(inv)), str(tmp_path / "sim"))
-    except (OSError, InventoryError):
-        pass      # a test that broke the inventory on purpose started no twin
 
 
 def _one_rollout(tmp: Path) -> StateDB:
@@ -113,7 +101,8 @@ def test_rollout_on_twins_with_metrics_and_reports(sim: Path) -> None:
     assert [f["host"] for f in fleet["failures"]] == ["t3"]
     assert "sha256 differs" in fleet["failures"][0]["reason"]
     for h in ("t1", "t2", "t3"):
-        assert twin(sim, h)["boot_count"] == 2 and twin(sim, h)["release"] == "7.2.14-twin"
+        st = twin_state(sim, h)
+        assert st["boot_count"] == 2 and st["release"] == "7.2.14-twin"
         rep = json.loads((sim / "reports" / ro.id / "hosts" / f"{h}.json").read_text())
         assert rep["agent"]["host"] == h and rep["controller"]["downtime_s"] > 0
     for f in ("fleet.json", "fleet.md", "fleet.html"):
@@ -140,10 +129,12 @@ def test_gate_failure_halts_and_spares_later_stages(sim: Path) -> None:
     assert p.returncode == 1, p.stderr
     fleet = json.loads(p.stdout)
     assert fleet["rollout"]["status"] == "halted"
-    assert "stage canary" in fleet["rollout"]["reason"] and "gate failed" in fleet["rollout"]["reason"]
+    reason = fleet["rollout"]["reason"]
+    assert "stage canary" in reason and "gate failed" in reason
     db = _one_rollout(sim)
     assert [s.status for s in db.stages()] == ["failed", "pending"]
-    assert {h.name: h.state for h in db.hosts()} == {"c1": "failed", "r1": "pending", "r2": "pending"}
+    assert ({h.name: h.state for h in db.hosts()}
+            == {"c1": "failed", "r1": "pending", "r2": "pending"})
     assert not (sim / "sim" / "r1").exists()          # never even powered on, never kexec'd
     st = cli(sim, "status", "--json")
     assert json.loads(st.stdout)["rollout"]["status"] == "halted"
@@ -156,7 +147,8 @@ def test_abi_mismatch_refused_at_preflight(sim: Path) -> None:
     fleet = json.loads(p.stdout)
     (f,) = fleet["failures"]
     assert f["phase"] == "preflight" and "kho-v3" in f["reason"] and "kho-v4" in f["reason"]
-    assert twin(sim, "old")["boot_count"] == 1 and twin(sim, "old")["kexec_loaded"] in (0, False)
+    old = twin_state(sim, "old")
+    assert old["boot_count"] == 1 and old["kexec_loaded"] in (0, False)
 
 
 def test_never_returns_fails_after_the_boot_timeout(sim: Path) -> None:
@@ -182,7 +174,7 @@ def test_controller_killed_mid_rollout_resumes_without_a_second_kexec(sim: Path)
         if (sim / "rollouts").exists() and os.listdir(sim / "rollouts"):
             try:
                 states = {h.state for h in _one_rollout(sim).hosts()}
-            except Exception:  # noqa: BLE001 - the DB may be mid-creation
+            except Exception:  # the DB may be mid-creation
                 states = set()
             if states & {"kexec_requested", "kexec_sent"}:
                 proc.send_signal(signal.SIGKILL)
@@ -196,7 +188,8 @@ def test_controller_killed_mid_rollout_resumes_without_a_second_kexec(sim: Path)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
     assert json.loads(p.stdout)["rollout"]["status"] == "completed"
     for h in hosts:
-        assert twin(sim, h)["boot_count"] == 2, f"{h} was kexec'd {twin(sim, h)['boot_count'] - 1} times"
+        boots = twin_state(sim, h)["boot_count"]
+        assert boots == 2, f"{h} was kexec'd {boots - 1} times"
     assert {h.state for h in _one_rollout(sim).hosts()} == {"reported"}
     events = [e.event for e in _one_rollout(sim).events()]
     assert "resumed" in events
@@ -209,9 +202,9 @@ def test_rollback_hands_hosts_back(sim: Path) -> None:
     p = cli(sim, "rollout", "--playbook", str(pb), "--inventory", str(inv), "--json")
     fleet = json.loads(p.stdout)
     assert fleet["rollout"]["status"] == "rolled_back", fleet["rollout"]
-    a = twin(sim, "a")
+    a = twin_state(sim, "a")
     assert a["release"] == "7.2.13-twin" and a["boot_count"] == 3      # there and back again
-    assert twin(sim, "b")["release"] == "7.2.14-twin"                    # failed: left alone
+    assert twin_state(sim, "b")["release"] == "7.2.14-twin"                    # failed: left alone
 
 
 def test_dry_run_and_abort(sim: Path) -> None:
@@ -220,7 +213,9 @@ def test_dry_run_and_abort(sim: Path) -> None:
     p = cli(sim, "preflight", "--playbook", str(pb), "--inventory", str(inv), "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["rollout"]["status"] == "completed"
-    assert all(twin(sim, h)["boot_count"] == 1 and not twin(sim, h)["kexec_loaded"] for h in ("d1", "d2"))
+    for h in ("d1", "d2"):
+        st = twin_state(sim, h)
+        assert st["boot_count"] == 1 and not st["kexec_loaded"], (h, st)
     # abort: a started rollout that was aborted kexecs nothing
     opts = RolloutOptions(str(sim / "rollouts2"), str(sim / "reports"), str(sim / "sim"))
     ro = Rollout.start(str(pb), str(inv), opts)
@@ -229,11 +224,12 @@ def test_dry_run_and_abort(sim: Path) -> None:
     assert a.returncode == 0, a.stderr
     fleet = ro.run()
     assert fleet["rollout"]["status"] == "aborted"
-    assert all(twin(sim, h)["boot_count"] == 1 for h in ("d1", "d2"))
+    assert all(twin_state(sim, h)["boot_count"] == 1 for h in ("d1", "d2"))
 
 
 @pytest.mark.parametrize("what,content,needle", [
-    ("playbook", "name: x\nhosts: all\ntarget: {kernel: twin:1}\nstages:\n  - {name: a, hosts: 1, max_paralel: 2}\n",
+    ("playbook", ("name: x\nhosts: all\ntarget: {kernel: twin:1}\nstages:\n"
+                  "  - {name: a, hosts: 1, max_paralel: 2}\n"),
      "playbook.yaml:5: stages[0].max_paralel"),
     ("playbook", "name: [unclosed\n", "playbook.yaml:2:1: YAML syntax error"),
     ("inventory", "all:\n  hosts:\n    h1: {kho_page_size: 8192}\n", "inventory.yaml:3"),
@@ -305,7 +301,7 @@ def test_rollout_over_ssh_with_a_connection_dropped_during_kexec(ssh_twins) -> N
     assert dropped.is_set()
     assert fleet["rollout"]["status"] == "completed", fleet
     assert {h.name: h.state for h in ro.db.hosts()} == {"s1": "reported", "s2": "reported"}
-    for n, t in twins.items():
+    for t in twins.values():
         assert t.state()["boot_count"] == 2 and t.state()["release"] == "7.2.14-twin"
     assert "sshd-s2" in str(servers["s2"].dir) and "Accepted publickey" in servers["s2"].log_text()
     assert ro.db.host("s2").downtime_s >= 1.5        # back only once sshd answered again

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_rollout import cli, inventory, playbook, twin_state
 
 from kho_fleet.rollout import Rollout, RolloutError, RolloutOptions
 from kho_fleet.statedb import StateDB
-from test_rollout import cli, inventory, playbook, sim, twin  # noqa: F401 - sim is a fixture
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -72,7 +72,7 @@ def test_interrupted_dry_run_resumes_as_a_dry_run(sim: Path) -> None:
             if (sim / "rollouts").is_dir() and os.listdir(sim / "rollouts"):
                 try:
                     stages = _state_db(sim).stages()
-                except Exception:               # noqa: BLE001 - not created yet
+                except Exception:               # not created yet
                     stages = []
                 if stages and stages[0].status == "passed":
                     break
@@ -97,7 +97,7 @@ def test_interrupted_dry_run_resumes_as_a_dry_run(sim: Path) -> None:
     fleet = json.loads(p.stdout)
     assert fleet["rollout"]["status"] == "completed", fleet["rollout"]
     for h in ("c1", "r1", "r2"):
-        t = twin(sim, h)
+        t = twin_state(sim, h)
         assert t["boot_count"] == 1 and not t["kexec_loaded"], (h, t)
     events = [e.event for e in db.events()]
     assert "agent stage" not in events and "agent kexec" not in events

@@ -10,13 +10,19 @@ import sys
 import textwrap
 import threading
 import time
-from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 import pytest
 
-from kho_fleet.statedb import (HAPPY_PATH, HOST_STATES, IllegalTransition, StateDB, StateError,
-                               list_rollouts)
+from kho_fleet.statedb import (
+    HAPPY_PATH,
+    HOST_STATES,
+    IllegalTransition,
+    StateDB,
+    StateError,
+    list_rollouts,
+)
 
 
 def make(tmp_path, stages=None, rid: str = "r1") -> StateDB:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sshd import SSHD, keygen
+from test_transport_local import TRICKY, _procs_with
 
 from kho_fleet.transport import (
     CommandFailed,
@@ -26,8 +28,6 @@ from kho_fleet.transport import (
 from kho_fleet.transport.base import sha256_file
 from kho_fleet.transport.ssh import SSHTransport, wait_for_ssh
 
-from sshd import SSHD, keygen, ssh_lab  # noqa: F401  (ssh_lab is a fixture)
-from test_transport_local import TRICKY, _procs_with
 
 def _ssh(lab, **kw) -> SSHTransport:
     return SSHTransport("web1", **lab.transport_kwargs(**kw))
@@ -138,7 +138,8 @@ def _write_config(lab, path: Path, extra: str = "") -> Path:
         f"    IdentityFile {lab.client_key}\n    ProxyJump lab-jump\n"
         "Host lab-behind-two\n"
         f"    HostName 127.0.0.1\n    Port {lab.target.port}\n"
-        f"    IdentityFile {lab.client_key}\n    ProxyJump lab-jump,{lab.user}@127.0.0.1:{lab.jump.port}\n"
+        f"    IdentityFile {lab.client_key}\n"
+        f"    ProxyJump lab-jump,{lab.user}@127.0.0.1:{lab.jump.port}\n"
         "Host 127.0.0.1\n"  # the second hop above, named by address
         f"    IdentityFile {lab.client_key}\n"
         + extra
@@ -165,6 +166,16 @@ def test_ssh_config_hostname_port_user_identityfile(ssh_lab, tmp_path):
     with pytest.raises(TransportError) as ei:
         SSHTransport("x", ssh_config=str(tmp_path / "missing"))
     assert "does not exist" in str(ei.value)
+
+
+def test_key_filename_list_tries_every_key(ssh_lab, tmp_path):
+    """A list of key files reaches paramiko whole (it tries each in turn): the authorized
+    key second in the list still logs in; the unauthorized key alone is rejected."""
+    stranger = keygen(tmp_path / "id_stranger", "not-authorized")
+    with _ssh(ssh_lab, key_filename=[str(stranger), str(ssh_lab.client_key)]) as t:
+        assert t.run(["id", "-un"]).stdout.strip() == ssh_lab.user
+    with pytest.raises(TransportError, match="authentication failed"):
+        _ssh(ssh_lab, key_filename=[str(stranger)]).connect()
 
 
 def test_proxyjump_one_and_two_hops(ssh_lab, tmp_path):

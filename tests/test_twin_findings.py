@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from twinsupport import RELEASE, Holder, image, kexec, pattern, sha
 
 from kho_agent.abi import luo as luo_abi
 from kho_agent.abi import metadata as md_abi
@@ -22,8 +23,6 @@ from kho_agent.abi.kho import decode_kho_fdt
 from kho_agent.abi.radix import geometry, walk_radix
 from kho_agent.inspect import covered
 from kho_agent.kernel import KernelError, LiveUpdateError, get_kernel
-from twinsupport import (RELEASE, Holder, image, kexec, pattern, sha, twin,  # noqa: F401
-                         twin_root)
 
 MIB = 1 << 20
 PS = 4096
@@ -248,7 +247,7 @@ def test_kexec_metadata_chain_and_pfn_identity_twice(twin):
     s = lu.create_session("vm2")
     s.preserve_fd(fd, 1)
     kexec(twin, image(twin.root, "7.2.13-c"))
-    assert f"KHO: exec from: 7.2.13-b (count 2)" in k.dmesg()
+    assert "KHO: exec from: 7.2.13-b (count 2)" in k.dmesg()
     md = md_abi.decode_metadata(k.read_debugfs("kho/in/sub_fdts/kexec-metadata"))
     assert (md.previous_release, md.kexec_count) == ("7.2.13-b", 2)
     fd2 = k.open_liveupdate().retrieve_session("vm2").retrieve_fd(1)

@@ -10,17 +10,13 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
-from typing import Iterator, Optional
-
-import pytest
+from typing import Optional
 
 from kho_fleet.sim.kernelimage import make_kernel_image
-from kho_fleet.sim.twinkernel import TwinHandle, start_twin
+from kho_fleet.sim.twinkernel import TwinHandle
 
 BOOT_DELAY = 0.05
 RELEASE = "7.2.13-twin"
@@ -75,21 +71,6 @@ def pattern(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-@pytest.fixture
-def twin_root() -> Iterator[str]:
-    """A short host root under /tmp (AF_UNIX paths are limited to 107 bytes)."""
-    d = tempfile.mkdtemp(prefix="twin-", dir="/tmp")
-    yield os.path.join(d, "host")
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def twin(twin_root: str) -> Iterator[TwinHandle]:
-    h = start_twin(twin_root, boot_delay=BOOT_DELAY, ram_mib=128)
-    yield h
-    h.stop()
-
-
 def image(root: str, release: str, kho: str = "kho-v4", fmt: str = "bzImage") -> str:
     """A staged twin kernel image next to the host root."""
     path = os.path.join(os.path.dirname(root), f"vmlinuz-{release}")
@@ -106,7 +87,8 @@ class Holder:
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line:
             self.proc.wait(10)
-            raise AssertionError(f"holder failed: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"holder failed: {err}")
         self.report = json.loads(line)
 
     def file(self, token: int) -> dict:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:                 # imported where used: `--version` stays cheap
 AGENT_START = time.time()     # the agent's own start, for the downtime breakdown
 DEBUG_ENV = "KHO_FLEET_DEBUG"
 
+EXIT_INTERNAL = 70       # a bug in the agent (sysexits EX_SOFTWARE), never caused by input
+
 
 class UsageError(InputError):
     """Bad input: exit 2."""
@@ -342,9 +344,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        print(f"kho-agent: internal error: {type(e).__name__}: {one_line(e)} "
-              f"(set {DEBUG_ENV}=1 for a traceback)", file=sys.stderr)
-        return 1
+        print(f"kho-agent: internal error (a bug, please report it): {type(e).__name__}: "
+              f"{one_line(e)} (set {DEBUG_ENV}=1 for a traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

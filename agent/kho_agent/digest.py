@@ -9,7 +9,7 @@ from typing import Union
 __all__ = ["sha256_file"]
 
 
-def sha256_file(path: Union[str, "os.PathLike[str]"]) -> str:
+def sha256_file(path: Union[str, os.PathLike[str]]) -> str:
     """Hex sha256 of the file at `path`."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -13,10 +13,11 @@ from . import journal
 from .digest import sha256_file
 from .errors import InputError, KhoAgentError, one_line
 from .holder import PEER_GONE, HolderClient, HolderError, holder_client, spawn_holder
+from .journal import IncomingTree, Journal, JournalTail, VerifyResult, WorkloadResult
 from .kernel import Kernel, KernelError, LiveUpdateError
 from .preflight import preflight, running_abi
 from .snapshot import read_incoming, take_snapshot
-from .state import AgentState, StateError, load_state, read_json, save_state, write_json
+from .state import AgentState, load_state, read_json, save_state, write_json
 from .workload import WorkloadSpec, runs_to_pfns
 
 __all__ = ["AgentError", "Agent"]
@@ -166,16 +167,14 @@ class Agent:
         write_json(self._path(SNAPSHOT_FILE), snap)
         self.state.enter("snapshot")
         staged = self.state.staged or {}
-        body = {
-            "schema": journal.SCHEMA, "handover_id": self.state.handover_id,
-            "host": self.kernel.hostname(),
-            "kernel_from": staged.get("running") or running_abi(self.kernel),
-            "kernel_to": {k: staged.get(k) for k in ("kernel", "sha256", "target")},
-            "snapshot": snap, "stamps": {h["phase"]: h["t"] for h in self.state.history},
-        }
+        body = Journal(
+            handover_id=self.state.handover_id, host=self.kernel.hostname(),
+            kernel_from=staged.get("running") or running_abi(self.kernel),
+            kernel_to={k: staged.get(k) for k in ("kernel", "sha256", "target")},
+            snapshot=snap, stamps={h["phase"]: h["t"] for h in self.state.history})
         with self._holder() as h:
             try:
-                h.call("prepare", journal=body)
+                h.call("prepare", journal=body.to_json())
             except HolderError as e:
                 raise self._fail("snapshot", str(e)) from None
         self._save()
@@ -191,18 +190,18 @@ class Agent:
             raise self._fail("kexec", "no kernel staged (kexec_loaded is 0): run stage first")
         if self.state.stamp("snapshot") is None:
             raise self._fail("kexec", "no radix snapshot: run snapshot first")
-        tail = {"handover_id": self.state.handover_id, "stamps": {"kexec": time.time()}}
+        tail = JournalTail(self.state.handover_id, {"kexec": time.time()})
         c = holder_client(self.dir)
         if c is None:
             raise self._fail("kexec", "no holder is running: nothing is preserved")
         with c:
             try:
-                sealed, _ = c.call("seal", tail=tail)
+                sealed, _ = c.call("seal", tail=tail.to_json())
             except HolderError as e:
                 raise self._fail("kexec", str(e)) from None
         t_exec = time.time()
-        tail["stamps"]["kexec_exec"] = t_exec
-        tail["agent_kexec_s"] = t_exec - t0
+        tail.stamps["kexec_exec"] = t_exec
+        tail.agent_kexec_s = t_exec - t0
         journal.write_tail(self.dir, tail)
         self.state.enter("kexec")
         self._save()
@@ -217,24 +216,26 @@ class Agent:
     def verify(self, *, agent_start: Optional[float] = None) -> dict:
         """Read the incoming state, retrieve and check every workload, FINISH, measure."""
         agent_start = agent_start or time.time()
-        prev = read_json(self._path(VERIFY_FILE))
-        if (prev and prev.get("t_restored") and prev.get("kernel_boot_time") is not None
-                and abs(prev["kernel_boot_time"] - self.kernel.boot_time()) < 1.0):
+        prev = self._read_verify()
+        if (prev is not None and prev.t_restored and prev.kernel_boot_time is not None
+                and abs(prev.kernel_boot_time - self.kernel.boot_time()) < 1.0):
             # already verified in this boot (e.g. by the systemd unit, then the controller):
             # the sessions are FINISHed and held; say what was found then
-            from .report import build_report
-            return build_report(prev, self.state, self.kernel.hostname())
+            from .report import handover_report
+            return handover_report(prev, self.state, self.kernel.hostname()).to_json()
         try:
             disk = journal.read_disk(self.dir)
-        except StateError:
+        except InputError:
             disk = None    # the disk copy is the fallback: the memfd journal comes first
-        incoming = read_incoming(self.kernel, (disk or {}).get("snapshot"))
+        incoming = IncomingTree.from_json(
+            read_incoming(self.kernel, None if disk is None else disk.snapshot), "incoming")
         reply, lost_holder = None, None
         for attempt in range(2):
             try:
                 c = holder_client(self.dir) or spawn_holder(self.dir, self.kernel)
                 with c:
-                    reply, _ = c.call("retrieve", journal=disk)
+                    reply, _ = c.call("retrieve",
+                                      journal=None if disk is None else disk.to_json())
                 break
             except (HolderError, LiveUpdateError) as e:
                 # A holder killed mid-retrieval takes every session it had retrieved but
@@ -244,51 +245,59 @@ class Agent:
                         and disk is not None):
                     lost_holder = str(e)
                     continue
-                out = {"incoming": incoming, "journal": disk, "results": [],
-                       "error": str(e), "agent_start": agent_start,
-                       "kernel_boot_time": self.kernel.boot_time(), "t_restored": None,
-                       "release": self.kernel.release()}
-                write_json(self._path(VERIFY_FILE), out)
+                out = VerifyResult(incoming=incoming, journal=disk, error=str(e),
+                                   agent_start=agent_start,
+                                   kernel_boot_time=self.kernel.boot_time(),
+                                   release=self.kernel.release())
+                write_json(self._path(VERIFY_FILE), out.to_json())
                 raise self._fail("verify", f"retrieval failed: {e}") from None
         assert reply is not None
+        results = [WorkloadResult.from_json(r, f"retrieve: results[{i}]")
+                   for i, r in enumerate(reply["results"])]
         if lost_holder:
-            for r in reply["results"]:
-                if r.get("error"):
-                    r["error"] += f" (the first holder died mid-retrieval: {lost_holder})"
-        jr = reply["journal"]
-        if disk and disk.get("handover_id") == jr.get("handover_id"):
+            for r in results:
+                if r.error:
+                    r.error += f" (the first holder died mid-retrieval: {lost_holder})"
+        jr = Journal.from_json(reply["journal"], "retrieve: journal")
+        if disk is not None and disk.handover_id == jr.handover_id:
             # the disk tail was written after the memfd was sealed: its stamps are later
-            jr = journal.merge(jr, {"handover_id": disk["handover_id"],
-                                    "stamps": disk.get("stamps", {}),
-                                    "agent_kexec_s": disk.get("agent_kexec_s")})
-        out = {"incoming": incoming, "journal": jr, "journal_error": reply.get("journal_error"),
-               "results": reply["results"], "agent_start": agent_start,
-               "kernel_boot_time": self.kernel.boot_time(), "t_restored": reply["t_restored"],
-               "release": self.kernel.release(), "running": running_abi(self.kernel)}
-        write_json(self._path(VERIFY_FILE), out)
-        if self.state.handover_id != jr.get("handover_id"):
-            self.state = AgentState(handover_id=jr.get("handover_id", self.state.handover_id),
+            jr = jr.merged(JournalTail(disk.handover_id, disk.stamps, disk.agent_kexec_s))
+        journal_error = reply.get("journal_error")
+        out = VerifyResult(incoming=incoming, journal=jr,
+                           journal_error=journal_error if isinstance(journal_error, str) else None,
+                           results=results, agent_start=agent_start,
+                           kernel_boot_time=self.kernel.boot_time(),
+                           t_restored=reply["t_restored"], release=self.kernel.release(),
+                           running=running_abi(self.kernel))
+        write_json(self._path(VERIFY_FILE), out.to_json())
+        if self.state.handover_id != jr.handover_id:
+            self.state = AgentState(handover_id=jr.handover_id or self.state.handover_id,
                                     history=[{"phase": p, "t": t} for p, t in
-                                             jr.get("stamps", {}).items()])
-        self.state.enter("boot", t=out["kernel_boot_time"])
-        from .report import build_report
-        rep = build_report(out, self.state, self.kernel.hostname())
-        if rep["result"] != "success":
-            self.state.fail(rep["failure"]["phase"], rep["failure"]["reason"])
+                                             jr.stamps.items()])
+        self.state.enter("boot", t=out.kernel_boot_time)
+        from .report import handover_report
+        rep = handover_report(out, self.state, self.kernel.hostname())
+        if rep.failure is not None and rep.result != "success":
+            self.state.fail(rep.failure.phase, rep.failure.reason)
         self.state.enter("verify")
         self._save()
-        return rep
+        return rep.to_json()
+
+    def _read_verify(self) -> Optional[VerifyResult]:
+        """verify.json, if written; StateError/RecordError (exit 2) naming file and field."""
+        path = self._path(VERIFY_FILE)
+        raw = read_json(path)
+        return None if raw is None else VerifyResult.from_json(raw, path)
 
     def report(self, textfile_dir: Optional[str] = None) -> dict:
         """Write report.json and the node_exporter textfile; return the report."""
-        from .report import build_report, write_report
-        ver = read_json(self._path(VERIFY_FILE))
-        rep = build_report(ver, self.state, self.kernel.hostname())
+        from .report import handover_report, write_report
+        rep = handover_report(self._read_verify(), self.state, self.kernel.hostname())
         write_report(rep, self.dir, textfile_dir)
         if self.state.phase != "report":
             self.state.enter("report")
             self._save()
-        return rep
+        return rep.to_json()
 
     def release(self, session: Optional[str] = None, token: Optional[int] = None) -> dict:
         """Drop retrieved memfds on purpose (they are freed when nobody holds them)."""

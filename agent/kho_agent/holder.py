@@ -31,6 +31,8 @@ from typing import Any, Optional
 
 from . import journal
 from .errors import KhoAgentError
+from .fields import RecordError
+from .journal import Journal, JournalTail, JournalWorkload, WorkloadResult
 from .journal import parse_memfd as parse_journal
 from .kernel import Kernel, KernelError, LiveUpdate, LiveUpdateError, Session
 from .wire import call, close_fds, connect_unix, recv_msg, send_msg
@@ -83,8 +85,8 @@ class HolderError(KhoAgentError):
 
 # What the holder answers for each exception a request may raise (anything else is a bug
 # and ends the holder, like any bug).
-_REQUEST_ERRORS = (HolderError, LiveUpdateError, KernelError, SpecError, KeyError, ValueError,
-                   TypeError, OSError)
+_REQUEST_ERRORS = (HolderError, LiveUpdateError, KernelError, SpecError, RecordError, KeyError,
+                   ValueError, TypeError, OSError)
 
 
 def error_kind(e: BaseException) -> str:
@@ -93,7 +95,7 @@ def error_kind(e: BaseException) -> str:
         return e.kind
     if isinstance(e, LiveUpdateError):
         return {errno.EBUSY: BUSY, errno.ENOENT: NOT_FOUND}.get(e.errno or 0, KERNEL)
-    if isinstance(e, (KeyError, ValueError, TypeError)):       # SpecError is a ValueError
+    if isinstance(e, (RecordError, KeyError, ValueError, TypeError)):   # SpecError: ValueError
         return BAD_REQUEST
     return KERNEL                                               # KernelError, OSError
 
@@ -121,7 +123,7 @@ class Holder:
         self.sessions: dict[str, Session] = {}       # outgoing: created in this kernel
         self.incoming: dict[str, Session] = {}       # retrieved from the previous kernel
         self.fds: dict[tuple[str, int], int] = {}
-        self.records: dict[tuple[str, int], dict] = {}    # what was preserved, for the journal
+        self.records: dict[tuple[str, int], JournalWorkload] = {}   # preserved, for the journal
         self.journal_fd: Optional[int] = None              # prepared, not yet sealed
         self.journal_count = 0
         self.running = True
@@ -148,19 +150,18 @@ class Holder:
         return self.sessions[name]
 
     def _preserve(self, session: str, token: int, fd: int, size: int, sha: str,
-                  source: str) -> dict:
+                  source: str) -> JournalWorkload:
         sess = self._session(session)
         sess.preserve_fd(fd, token)
         self.fds[(session, token)] = fd
         pfns = self.kernel.memfd_pfns(fd, size)
-        rec = {"session": session, "token": token, "size": size, "sha256": sha,
-               "pfn_runs": pfn_runs(pfns), "source": source}
+        rec = JournalWorkload(session, token, size, sha, pfn_runs(pfns), source)
         self.records[(session, token)] = rec
         return rec
 
     def op_records(self, req: dict, fds: list[int]) -> dict:
         """Every workload preserved so far (created or adopted), for snapshot and journal."""
-        return {"workloads": list(self.records.values())}     # in preservation order
+        return {"workloads": [w.to_json() for w in self.records.values()]}   # in order
 
     def op_preserve(self, req: dict, fds: list[int]) -> dict:
         """Create every memfd of a spec and preserve it. A memfd this holder already holds
@@ -168,7 +169,7 @@ class Holder:
         living across the next kexec too)."""
         spec = parse_spec(req["spec"], "spec")
         ps = self.kernel.page_size()
-        records = []
+        records: list[JournalWorkload] = []
         for s in spec.sessions:
             for m in s.memfds:
                 key = (s.name, m.token)
@@ -189,7 +190,7 @@ class Holder:
                 except BaseException:
                     os.close(fd)
                     raise
-        return {"workloads": records}
+        return {"workloads": [w.to_json() for w in records]}
 
     def op_adopt(self, req: dict, fds: list[int]) -> dict:
         """A workload hands its memfd over (SCM_RIGHTS) to be preserved as `token`."""
@@ -205,13 +206,14 @@ class Holder:
         except BaseException:
             os.close(fd)
             raise
-        return {"workload": rec}
+        return {"workload": rec.to_json()}
 
     def op_prepare(self, req: dict, fds: list[int]) -> dict:
         """Write the journal body (with every workload record) into the agent's memfd and
         to disk, ahead of the kexec window."""
-        body = dict(req["journal"], workloads=list(self.records.values()))
-        raw = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        body = Journal.from_json(req["journal"], "prepare: journal")
+        body.workloads = list(self.records.values())
+        raw = json.dumps(body.to_json(), separators=(",", ":")).encode() + b"\n"
         if self.journal_fd is not None:
             os.close(self.journal_fd)
         self.journal_fd = make_memfd("kho-agent-journal", raw)
@@ -224,7 +226,8 @@ class Holder:
         if self.journal_fd is None or self.journal_count != len(self.records):
             raise HolderError("journal not prepared, or workloads changed since the "
                               "snapshot: run snapshot again", NOT_READY)
-        line = json.dumps(req["tail"], separators=(",", ":")).encode() + b"\n"
+        tail = JournalTail.from_json(req["tail"], "seal: tail")
+        line = json.dumps(tail.to_json(), separators=(",", ":")).encode() + b"\n"
         os.pwrite(self.journal_fd, line, os.fstat(self.journal_fd).st_size)
         fd, self.journal_fd = self.journal_fd, None
         self._session(AGENT_SESSION).preserve_fd(fd, JOURNAL_TOKEN)
@@ -237,7 +240,7 @@ class Holder:
         `journal` in the request (the disk copy) is used when the agent's own session
         cannot be retrieved. Per-workload failures are reported, not raised.
         """
-        jr: Optional[dict] = None
+        jr: Optional[Journal] = None
         journal_error = None
         try:
             sess = self.lu.retrieve_session(AGENT_SESSION)
@@ -249,51 +252,51 @@ class Holder:
             finally:
                 os.close(jfd)
             sess.finish()
-        except (LiveUpdateError, ValueError, OSError) as e:
+        except (LiveUpdateError, ValueError, RecordError, OSError) as e:
             journal_error = f"journal memfd not retrieved: {e}"
-        if jr is None:
-            jr = req.get("journal")
+        if jr is None and req.get("journal") is not None:
+            jr = Journal.from_json(req["journal"], "retrieve: journal")
         if jr is None:
             raise HolderError(journal_error or "no journal", NOT_FOUND)
-        results = []
-        by_session: dict[str, list[dict]] = {}
-        for w in jr.get("workloads", []):
-            by_session.setdefault(w["session"], []).append(w)
+        results: list[WorkloadResult] = []
+        by_session: dict[str, list[JournalWorkload]] = {}
+        for w in jr.workloads:
+            by_session.setdefault(w.session, []).append(w)
         for name, ws in by_session.items():
             try:
                 sess = self.lu.retrieve_session(name)
             except LiveUpdateError as e:
-                results += [{"session": name, "token": w["token"], "error": f"session lost: {e}"}
-                            for w in ws]
+                results += [WorkloadResult(name, w.token, error=f"session lost: {e}") for w in ws]
                 continue
             self.incoming[name] = sess
             got = []
             for w in ws:
-                res: dict[str, Any] = {"session": name, "token": w["token"]}
+                res = WorkloadResult(name, w.token)
                 try:
-                    fd = sess.retrieve_fd(int(w["token"]))
+                    fd = sess.retrieve_fd(w.token)
                 except LiveUpdateError as e:
-                    res["error"] = f"RETRIEVE_FD: {e}"
+                    res.error = f"RETRIEVE_FD: {e}"
                     results.append(res)
                     continue
                 self._count_retrieve()
-                self.fds[(name, int(w["token"]))] = fd
-                got.append((res, fd, int(w["size"])))
+                self.fds[(name, w.token)] = fd
+                got.append((res, fd, w.size))
             for res, fd, size in got:
-                res["sha256"] = hash_fd(fd, size)
-                res["size"] = os.fstat(fd).st_size
+                res.sha256 = hash_fd(fd, size)
+                res.size = os.fstat(fd).st_size
                 try:
-                    res["pfn_runs"] = pfn_runs(self.kernel.memfd_pfns(fd, size))
+                    res.pfn_runs = pfn_runs(self.kernel.memfd_pfns(fd, size))
                 except Exception as e:
-                    res["error"] = f"PFNs unreadable: {e}"
+                    res.error = f"PFNs unreadable: {e}"
                 results.append(res)
             try:
                 sess.finish()
             except LiveUpdateError as e:
                 for res, _, _ in got:
-                    res.setdefault("error", f"FINISH: {e}")
-        return {"journal": jr, "journal_error": journal_error, "results": results,
-                "t_restored": time.time()}
+                    if res.error is None:
+                        res.error = f"FINISH: {e}"
+        return {"journal": jr.to_json(), "journal_error": journal_error,
+                "results": [r.to_json() for r in results], "t_restored": time.time()}
 
     def op_claim(self, req: dict, fds: list[int]) -> tuple[dict, list[int]]:
         """Hand a retrieved memfd to its workload (the caller) and forget it here."""

@@ -79,7 +79,8 @@ def running_abi(kernel: Kernel) -> dict:
         except ValueError:
             pass
     image = f"/boot/vmlinuz-{out['release']}"
-    if kernel.kind == "linux" and os.path.exists(image) and (out["kho"] is None or out["luo"] is None):
+    if (kernel.kind == "linux" and os.path.exists(image)
+            and (out["kho"] is None or out["luo"] is None)):
         try:
             info = inspect_kernel_image(image)
             out["kho"] = out["kho"] or info.kho
@@ -113,7 +114,8 @@ def preflight(kernel: Kernel, *, kernel_image: Optional[str] = None,
     lu = kernel.liveupdate_present()
     r.add("liveupdate", lu, "/dev/liveupdate present" if lu else
           "/dev/liveupdate missing (CONFIG_LIVEUPDATE and liveupdate=on"
-          + ("" if "liveupdate=on" in cmdline.split() else "; liveupdate=on is not on the command line") + ")")
+          + ("" if "liveupdate=on" in cmdline.split()
+             else "; liveupdate=on is not on the command line") + ")")
     kx = kernel.kexec_file_load_supported()
     r.add("kexec_file_load", kx, "kexec_file_load available" if kx else
           f"kexec_file_load unavailable: {kernel.kexec_file_load_status()}")
@@ -160,7 +162,8 @@ def _target_checks(r: PreflightResult, kernel: Kernel, image: str, initrd: Optio
     run = r.running
     if info.kho is None or run.get("kho") is None:
         which = "staged kernel" if info.kho is None else "running kernel"
-        why = "; ".join(info.notes) if info.kho is None else run.get("kho_error", "no KHO FDT found")
+        why = ("; ".join(info.notes) if info.kho is None
+               else run.get("kho_error", "no KHO FDT found"))
         r.add("abi", allow_unknown_abi, f"KHO ABI of the {which} undeterminable ({why})"
               + ("; allowed by --allow-unknown-abi" if allow_unknown_abi else ""))
         return

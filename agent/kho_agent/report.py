@@ -1,185 +1,517 @@
 """The handover report (schema kho-fleet/handover-report/v1) and its node_exporter textfile.
 
-Built from the journal carried across the kexec and the verification after it; the
-same figures go to a `.prom` file for node_exporter's textfile collector.
+Built from the journal carried across the kexec and the verification after it
+(journal.VerifyResult); the same figures go to a `.prom` file for node_exporter's
+textfile collector. The report is a `HandoverReport` record; JSON only at the edge:
+`to_json()` gives the stable schema (docs, the controller and tests read it),
+`HandoverReport.from_json()` reads one back with every field's type checked (a missing
+field takes its default: the controller also writes short reports of its own).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
 
 from .atomicfile import atomic_write
+from .fields import Fields, is_int
+from .journal import IncomingTree, Journal, VerifyResult
 from .state import AgentState, write_json
 from .workload import WorkloadRecord
 
-__all__ = ["SCHEMA", "build_report", "write_report", "prom_text"]
+__all__ = ["SCHEMA", "Failure", "KernelFrom", "KernelTo", "Kernels", "RadixSnapshot",
+           "RadixIncoming", "Radix", "ReportWorkload", "Downtime", "JournalSource",
+           "HandoverReport", "handover_report", "build_report", "write_report", "prom_text"]
 
 SCHEMA = "kho-fleet/handover-report/v1"
 REPORT_FILE = "report.json"
 PROM_FILE = "kho-agent.prom"
+RESULTS = ("success", "failed", "aborted", "incomplete")
 
 
-def _workloads(verify: dict) -> list[WorkloadRecord]:
-    journal = verify.get("journal") or {}
-    results = {(r["session"], int(r["token"])): r for r in verify.get("results", [])}
+@dataclass
+class Failure:
+    """Why a handover failed: the phase (state.PHASES, or the controller's) and one line."""
+
+    phase: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"phase": self.phase, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "failure") -> Failure:
+        f = Fields(raw, where)
+        return cls(phase=f.text("phase"), reason=f.text("reason"))
+
+
+@dataclass
+class KernelFrom:
+    """The kernel the handover left."""
+
+    release: Optional[str] = None
+    kho_compatible: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"release": self.release, "kho_compatible": self.kho_compatible}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "kernel.from") -> KernelFrom:
+        f = Fields(raw, where)
+        return cls(release=f.opt_text("release"), kho_compatible=f.opt_text("kho_compatible"))
+
+
+@dataclass
+class KernelTo:
+    """The kernel the handover went to, and the image staged for it."""
+
+    release: Optional[str] = None
+    kho_compatible: Optional[str] = None
+    image: Optional[str] = None
+    sha256: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"release": self.release, "kho_compatible": self.kho_compatible,
+                "image": self.image, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "kernel.to") -> KernelTo:
+        f = Fields(raw, where)
+        return cls(release=f.opt_text("release"), kho_compatible=f.opt_text("kho_compatible"),
+                   image=f.opt_text("image"), sha256=f.opt_text("sha256"))
+
+
+@dataclass
+class Kernels:
+    from_: KernelFrom = field(default_factory=KernelFrom)
+    to: KernelTo = field(default_factory=KernelTo)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.from_.to_json(), "to": self.to.to_json()}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "kernel") -> Kernels:
+        f = Fields(raw, where)
+        return cls(from_=f.record("from", KernelFrom.from_json),
+                   to=f.record("to", KernelTo.from_json))
+
+
+def _runs_of_pfns(v: Any) -> bool:
+    return isinstance(v, list) and all(is_int(x) for x in v)
+
+
+@dataclass
+class RadixSnapshot:
+    """The pre-kexec radix snapshot, summarised (the blocks counted, not listed)."""
+
+    root: Optional[int] = None
+    blocks: int = 0
+    pages_by_order: Optional[dict[str, int]] = None
+    bytes: Optional[int] = None
+    nodes: Optional[int] = None
+    intact: Optional[bool] = None
+    memory: Optional[str] = None
+    workload_pfns_missing: Optional[dict[str, list[int]]] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"root": self.root, "blocks": self.blocks, "pages_by_order": self.pages_by_order,
+                "bytes": self.bytes, "nodes": self.nodes, "intact": self.intact,
+                "memory": self.memory, "workload_pfns_missing": self.workload_pfns_missing}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "radix.snapshot") -> RadixSnapshot:
+        f = Fields(raw, where)
+        return cls(**cls._common(f), blocks=f.integer("blocks"))
+
+    @classmethod
+    def of_snapshot(cls, snap: dict[str, Any], where: str) -> RadixSnapshot:
+        """The summary of a snapshot.take_snapshot() record (its `blocks` a list)."""
+        f = Fields(snap, where)
+        return cls(**cls._common(f),
+                   blocks=len(f.list_of("blocks", lambda b: isinstance(b, list), "a block")))
+
+    @staticmethod
+    def _common(f: Fields) -> dict[str, Any]:
+        pbo = f.opt_dict("pages_by_order")
+        missing = f.opt_dict("workload_pfns_missing")
+        if pbo is not None:
+            pbo = f.dict_of("pages_by_order", is_int, "an integer")
+        if missing is not None:
+            missing = f.dict_of("workload_pfns_missing", _runs_of_pfns, "a list of PFNs")
+        return {"root": f.opt_integer("root"), "pages_by_order": pbo,
+                "bytes": f.opt_integer("bytes"), "nodes": f.opt_integer("nodes"),
+                "intact": f.opt_flag("intact"), "memory": f.opt_text("memory"),
+                "workload_pfns_missing": missing}
+
+
+@dataclass
+class RadixIncoming:
+    """The incoming radix tree after the kexec: still intact, and the same as before?"""
+
+    root: Optional[int] = None
+    intact: bool = False
+    valid_nodes: int = 0
+    errors: list[str] = field(default_factory=list)
+    matches_snapshot: Optional[bool] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"root": self.root, "intact": self.intact, "valid_nodes": self.valid_nodes,
+                "errors": list(self.errors), "matches_snapshot": self.matches_snapshot}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "radix.incoming") -> RadixIncoming:
+        f = Fields(raw, where)
+        return cls(root=f.opt_integer("root"), intact=f.flag("intact"),
+                   valid_nodes=f.integer("valid_nodes"),
+                   errors=f.list_of("errors", lambda v: isinstance(v, str), "a string"),
+                   matches_snapshot=f.opt_flag("matches_snapshot"))
+
+    @classmethod
+    def of_incoming(cls, inc: IncomingTree) -> RadixIncoming:
+        return cls(root=inc.root, intact=inc.intact, valid_nodes=inc.valid_nodes,
+                   errors=list(inc.errors), matches_snapshot=inc.matches_snapshot)
+
+
+@dataclass
+class Radix:
+    snapshot: Optional[RadixSnapshot] = None
+    incoming: Optional[RadixIncoming] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"snapshot": None if self.snapshot is None else self.snapshot.to_json(),
+                "incoming": None if self.incoming is None else self.incoming.to_json()}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "radix") -> Radix:
+        f = Fields(raw, where)
+        return cls(snapshot=f.opt_record("snapshot", RadixSnapshot.from_json),
+                   incoming=f.opt_record("incoming", RadixIncoming.from_json))
+
+
+@dataclass
+class ReportWorkload:
+    """One workload's verdict: same bytes (sha256) in the same pages (PFNs)?"""
+
+    session: str = ""
+    token: int = 0
+    size: int = 0
+    sha256_before: str = ""
+    sha256_after: Optional[str] = None
+    pfns_identical: bool = False
+    verified: bool = False
+    error: Optional[str] = None
+    source: str = "created"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"session": self.session, "token": self.token, "size": self.size,
+                "sha256_before": self.sha256_before, "sha256_after": self.sha256_after,
+                "pfns_identical": self.pfns_identical, "verified": self.verified,
+                "error": self.error, "source": self.source}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "workload") -> ReportWorkload:
+        f = Fields(raw, where)
+        return cls(session=f.text("session"), token=f.integer("token"), size=f.integer("size"),
+                   sha256_before=f.text("sha256_before"), sha256_after=f.opt_text("sha256_after"),
+                   pfns_identical=f.flag("pfns_identical"), verified=f.flag("verified"),
+                   error=f.opt_text("error"), source=f.text("source", "created"))
+
+    @classmethod
+    def of_record(cls, w: WorkloadRecord) -> ReportWorkload:
+        return cls(w.session, w.token, w.size, w.sha256_before, w.sha256_after,
+                   w.pfns_identical, w.verified, w.error, w.source)
+
+
+@dataclass
+class Downtime:
+    """The blackout (kexec -e to workloads restored) and its three spans, in seconds."""
+
+    blackout_s: Optional[float] = None
+    kexec_to_kernel_s: Optional[float] = None
+    kernel_to_agent_s: Optional[float] = None
+    agent_to_restored_s: Optional[float] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"blackout_s": self.blackout_s, "kexec_to_kernel_s": self.kexec_to_kernel_s,
+                "kernel_to_agent_s": self.kernel_to_agent_s,
+                "agent_to_restored_s": self.agent_to_restored_s}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "downtime") -> Downtime:
+        f = Fields(raw, where)
+        return cls(*(f.opt_number(k) for k in ("blackout_s", "kexec_to_kernel_s",
+                                               "kernel_to_agent_s", "agent_to_restored_s")))
+
+
+@dataclass
+class JournalSource:
+    """Where the journal was read from (memfd, or the disk copy) and why not the memfd."""
+
+    from_: Optional[str] = None
+    error: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"from": self.from_, "error": self.error}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "journal") -> JournalSource:
+        f = Fields(raw, where)
+        return cls(from_=f.opt_text("from"), error=f.opt_text("error"))
+
+
+@dataclass
+class HandoverReport:
+    """One host's handover: the verdict, why it failed, kernels, radix tree, workloads,
+    downtime (schema kho-fleet/handover-report/v1)."""
+
+    host: str
+    handover_id: str
+    result: str                     # success, failed, aborted or incomplete
+    failure: Optional[Failure] = None
+    phase: str = "new"
+    kernel: Kernels = field(default_factory=Kernels)
+    kexec_metadata: Optional[dict[str, Any]] = None    # abi.metadata's record, or {"error"}
+    radix: Radix = field(default_factory=Radix)
+    workloads: list[ReportWorkload] = field(default_factory=list)
+    downtime: Downtime = field(default_factory=Downtime)
+    agent_kexec_s: Optional[float] = None
+    journal: JournalSource = field(default_factory=JournalSource)
+    schema: str = SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable JSON form (the keys and types the controller and docs rely on)."""
+        return {
+            "schema": self.schema, "host": self.host, "handover_id": self.handover_id,
+            "result": self.result,
+            "failure": None if self.failure is None else self.failure.to_json(),
+            "phase": self.phase, "kernel": self.kernel.to_json(),
+            "kexec_metadata": self.kexec_metadata, "radix": self.radix.to_json(),
+            "workloads": [w.to_json() for w in self.workloads],
+            "downtime": self.downtime.to_json(), "agent_kexec_s": self.agent_kexec_s,
+            "journal": self.journal.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "report") -> HandoverReport:
+        """A report from its JSON; RecordError naming `where` and the field on bad data."""
+        f = Fields(raw, where)
+        result = f.text("result")
+        if result not in RESULTS:
+            raise f.error(f"{f.at('result')}: expected one of {', '.join(RESULTS)}, "
+                          f"got {result!r:.40}")
+        return cls(host=f.text("host"), handover_id=f.text("handover_id"), result=result,
+                   failure=f.opt_record("failure", Failure.from_json),
+                   phase=f.text("phase", "new"), kernel=f.record("kernel", Kernels.from_json),
+                   kexec_metadata=f.opt_dict("kexec_metadata"),
+                   radix=f.record("radix", Radix.from_json),
+                   workloads=f.records("workloads", ReportWorkload.from_json),
+                   downtime=f.record("downtime", Downtime.from_json),
+                   agent_kexec_s=f.opt_number("agent_kexec_s"),
+                   journal=f.record("journal", JournalSource.from_json),
+                   schema=f.text("schema", SCHEMA))
+
+
+# --- building -------------------------------------------------------------------------------
+
+@dataclass
+class _Abi:
+    """The two fields of a preflight ABI record (running_abi, a preflight target) we read."""
+
+    release: Optional[str] = None
+    kho: Optional[str] = None
+
+    @classmethod
+    def read(cls, raw: Optional[dict[str, Any]], where: str) -> _Abi:
+        if raw is None:
+            return cls()
+        f = Fields(raw, where)
+        return cls(release=f.opt_text("release"), kho=f.opt_text("kho"))
+
+
+@dataclass
+class _Staged:
+    """The staged kernel: state.staged, or the journal's kernel_to ({kernel, sha256, target})."""
+
+    kernel: Optional[str] = None
+    sha256: Optional[str] = None
+    target: _Abi = field(default_factory=_Abi)
+
+    @classmethod
+    def read(cls, raw: Optional[dict[str, Any]], where: str) -> _Staged:
+        if raw is None:
+            return cls()
+        f = Fields(raw, where)
+        return cls(kernel=f.opt_text("kernel"), sha256=f.opt_text("sha256"),
+                   target=_Abi.read(f.opt_dict("target"), f.at("target")))
+
+
+def _workloads(verify: VerifyResult) -> list[WorkloadRecord]:
+    results = {(r.session, r.token): r for r in verify.results}
     out = []
-    for w in journal.get("workloads", []):
-        rec = WorkloadRecord(w["session"], int(w["token"]), int(w["size"]), w["sha256"],
-                             w["pfn_runs"], w.get("source", "created"))
+    for w in (verify.journal.workloads if verify.journal is not None else []):
+        rec = WorkloadRecord(w.session, w.token, w.size, w.sha256, w.pfn_runs, w.source)
         r = results.get((rec.session, rec.token))
         if r is None:
             rec.error = "not retrieved"
         else:
-            rec.sha256_after = r.get("sha256")
-            rec.pfn_runs_after = r.get("pfn_runs")
-            rec.error = r.get("error")
+            rec.sha256_after = r.sha256
+            rec.pfn_runs_after = r.pfn_runs
+            rec.error = r.error
         out.append(rec)
     return out
 
 
-def _verify_failure(verify: dict, incoming: dict, workloads: list[WorkloadRecord]) -> Optional[dict]:
-    if not incoming.get("present", False):
-        return {"phase": "boot", "reason": (incoming.get("errors") or ["no kho/in"])[0]}
-    if verify.get("error"):
-        return {"phase": "verify", "reason": verify["error"]}
+def _verify_failure(verify: VerifyResult, incoming: IncomingTree,
+                    workloads: list[WorkloadRecord]) -> Optional[Failure]:
+    if not incoming.present:
+        return Failure("boot", (incoming.errors or ["no kho/in"])[0])
+    if verify.error:
+        return Failure("verify", verify.error)
     lost = [w for w in workloads if not w.verified]
     if not lost:
         return None
-    return {"phase": "verify", "reason": "; ".join(
+    return Failure("verify", "; ".join(
         f"workload {w.session}/{w.token:#x}: " + (w.error or (
             "sha256 differs" if w.sha256_after != w.sha256_before else "PFNs differ"))
-        for w in lost)}
+        for w in lost))
 
 
 def _span(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else round(b - a, 6)
 
 
-def build_report(verify: Optional[dict], state: AgentState, host: Optional[str] = None) -> dict:
+def handover_report(verify: Optional[VerifyResult], state: AgentState,
+                    host: Optional[str] = None) -> HandoverReport:
     """The report for this host's current handover (a partial one before/without verify)."""
-    verify = verify or {}
-    journal = verify.get("journal") or {}
-    stamps = journal.get("stamps", {})
-    incoming = verify.get("incoming") or {}
-    snap = journal.get("snapshot") or {}
-    workloads = _workloads(verify) if verify else []
-    staged = state.staged or journal.get("kernel_to") or {}
-    target = (staged.get("target") or {}) if isinstance(staged, dict) else {}
-    running_before = (state.staged or {}).get("running") or journal.get("kernel_from") or {}
-    running_after = verify.get("running") or {}
+    jr: Optional[Journal] = verify.journal if verify is not None else None
+    stamps = jr.stamps if jr is not None else {}
+    incoming = verify.incoming if verify is not None else None
+    workloads = _workloads(verify) if verify is not None else []
+    # the staged kernel: this agent's own record of it, else the journal's (after a kexec
+    # into a kernel whose state dir started empty)
+    staged = (_Staged.read(state.staged, "state.staged") if state.staged
+              else _Staged.read(jr.kernel_to if jr is not None else None, "journal.kernel_to"))
+    running_before = (_Abi.read(state.staged.get("running"), "state.staged.running")
+                      if state.staged and state.staged.get("running")
+                      else _Abi.read(jr.kernel_from if jr is not None else None,
+                                     "journal.kernel_from"))
+    running_after = _Abi.read(verify.running if verify is not None else None, "verify.running")
     t_exec = stamps.get("kexec_exec") or stamps.get("kexec")
-    t_kernel = verify.get("kernel_boot_time")
-    t_agent = verify.get("agent_start")
-    t_restored = verify.get("t_restored")
+    t_kernel = verify.kernel_boot_time if verify is not None else None
+    t_agent = verify.agent_start if verify is not None else None
+    t_restored = verify.t_restored if verify is not None else None
 
-    failure = state.failure
-    if failure is None and verify:
-        failure = _verify_failure(verify, incoming, workloads)
+    failure = Failure.from_json(state.failure, "state.failure") if state.failure else None
+    if failure is None and verify is not None:
+        failure = _verify_failure(verify, incoming or IncomingTree(), workloads)
     if state.aborted:
         result = "aborted"        # refused before kexec: nothing was at risk
     elif failure is not None:
         result = "failed"
-    elif verify:
+    elif verify is not None:
         result = "success"
     else:
         result = "incomplete"     # asked for before the handover was verified
 
-    return {
-        "schema": SCHEMA,
-        "host": journal.get("host") or host or os.uname().nodename,
-        "handover_id": journal.get("handover_id") or state.handover_id,
-        "result": result,
-        "failure": failure,
-        "phase": state.phase,
-        "kernel": {
-            "from": {"release": running_before.get("release"),
-                     "kho_compatible": running_before.get("kho")},
-            "to": {"release": verify.get("release") or target.get("release"),
-                   "kho_compatible": running_after.get("kho") or target.get("kho"),
-                   "image": staged.get("kernel") if isinstance(staged, dict) else None,
-                   "sha256": staged.get("sha256") if isinstance(staged, dict) else None},
-        },
-        "kexec_metadata": incoming.get("metadata"),
-        "radix": {
-            "snapshot": ({"root": snap.get("root"), "blocks": len(snap.get("blocks", [])),
-                          "pages_by_order": snap.get("pages_by_order"),
-                          "bytes": snap.get("bytes"), "nodes": snap.get("nodes"),
-                          "intact": snap.get("intact"), "memory": snap.get("memory"),
-                          "workload_pfns_missing": snap.get("workload_pfns_missing")}
-                         if snap else None),
-            "incoming": ({"root": incoming.get("root"), "intact": incoming.get("intact"),
-                          "valid_nodes": incoming.get("valid_nodes"),
-                          "errors": incoming.get("errors", []),
-                          "matches_snapshot": incoming.get("matches_snapshot")}
-                         if incoming else None),
-        },
-        "workloads": [{"session": w.session, "token": w.token, "size": w.size,
-                       "sha256_before": w.sha256_before, "sha256_after": w.sha256_after,
-                       "pfns_identical": w.pfns_identical, "verified": w.verified,
-                       "error": w.error, "source": w.source} for w in workloads],
-        "downtime": {
-            "blackout_s": _span(t_exec, t_restored),
-            "kexec_to_kernel_s": _span(t_exec, t_kernel),
-            "kernel_to_agent_s": _span(t_kernel, t_agent),
-            "agent_to_restored_s": _span(t_agent, t_restored),
-        },
-        "agent_kexec_s": journal.get("agent_kexec_s"),
-        "journal": {"from": "memfd" if verify and not verify.get("journal_error") else
-                    ("disk" if journal else None), "error": verify.get("journal_error")},
-    }
+    snap = jr.snapshot if jr is not None else None
+    return HandoverReport(
+        host=(jr.host if jr is not None and jr.host else None) or host or os.uname().nodename,
+        handover_id=(jr.handover_id if jr is not None and jr.handover_id else None)
+        or state.handover_id,
+        result=result, failure=failure, phase=state.phase,
+        kernel=Kernels(
+            KernelFrom(running_before.release, running_before.kho),
+            KernelTo(release=(verify.release if verify is not None else None)
+                     or staged.target.release,
+                     kho_compatible=running_after.kho or staged.target.kho,
+                     image=staged.kernel, sha256=staged.sha256)),
+        kexec_metadata=incoming.metadata if incoming is not None else None,
+        radix=Radix(
+            snapshot=RadixSnapshot.of_snapshot(snap, "journal.snapshot") if snap else None,
+            incoming=RadixIncoming.of_incoming(incoming) if incoming is not None else None),
+        workloads=[ReportWorkload.of_record(w) for w in workloads],
+        downtime=Downtime(blackout_s=_span(t_exec, t_restored),
+                          kexec_to_kernel_s=_span(t_exec, t_kernel),
+                          kernel_to_agent_s=_span(t_kernel, t_agent),
+                          agent_to_restored_s=_span(t_agent, t_restored)),
+        agent_kexec_s=jr.agent_kexec_s if jr is not None else None,
+        journal=JournalSource(
+            from_="memfd" if verify is not None and not verify.journal_error
+            else ("disk" if jr is not None else None),
+            error=verify.journal_error if verify is not None else None),
+    )
 
+
+def build_report(verify: Union[VerifyResult, dict[str, Any], None], state: AgentState,
+                 host: Optional[str] = None) -> dict[str, Any]:
+    """handover_report() at the JSON edge: verify.json's content in, the report's JSON out."""
+    if isinstance(verify, dict):
+        verify = VerifyResult.from_json(verify, "verify")
+    return handover_report(verify, state, host).to_json()
+
+
+# --- the node_exporter textfile -------------------------------------------------------------
 
 def _esc(v: Any) -> str:
     return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-def prom_text(rep: dict) -> str:
+def _report(rep: Union[HandoverReport, dict[str, Any]]) -> HandoverReport:
+    return rep if isinstance(rep, HandoverReport) else HandoverReport.from_json(rep)
+
+
+def prom_text(rep: Union[HandoverReport, dict[str, Any]]) -> str:
     """node_exporter textfile lines for a report (kho_agent_* metrics)."""
-    lab = f'host="{_esc(rep["host"])}",handover_id="{_esc(rep["handover_id"])}"'
+    r = _report(rep)
+    lab = f'host="{_esc(r.host)}",handover_id="{_esc(r.handover_id)}"'
     lines = [
         "# HELP kho_agent_handover_info Last handover on this host (value 1).",
         "# TYPE kho_agent_handover_info gauge",
-        f'kho_agent_handover_info{{{lab},result="{rep["result"]}",'
-        f'from="{_esc(rep["kernel"]["from"]["release"])}",to="{_esc(rep["kernel"]["to"]["release"])}",'
-        f'failure_phase="{_esc((rep["failure"] or {}).get("phase", ""))}"}} 1',
+        (f'kho_agent_handover_info{{{lab},result="{r.result}",'
+         f'from="{_esc(r.kernel.from_.release)}",to="{_esc(r.kernel.to.release)}",'
+         f'failure_phase="{_esc(r.failure.phase if r.failure is not None else "")}"}} 1'),
         "# HELP kho_agent_handover_success 1 if the last handover verified every workload.",
         "# TYPE kho_agent_handover_success gauge",
-        f"kho_agent_handover_success{{{lab}}} {1 if rep['result'] == 'success' else 0}",
+        f"kho_agent_handover_success{{{lab}}} {1 if r.result == 'success' else 0}",
     ]
     lines += ["# HELP kho_agent_handover_downtime_seconds Downtime of the last handover by span.",
               "# TYPE kho_agent_handover_downtime_seconds gauge"]
-    for span, v in rep["downtime"].items():
+    for span, v in r.downtime.to_json().items():
         if v is not None:
             lines.append(f'kho_agent_handover_downtime_seconds{{{lab},span="{span[:-2]}"}} {v}')
-    ws = rep["workloads"]
+    ws = r.workloads
     lines += [
         "# HELP kho_agent_workloads Preserved workloads of the last handover.",
         "# TYPE kho_agent_workloads gauge",
-        f'kho_agent_workloads{{{lab},state="verified"}} {sum(w["verified"] for w in ws)}',
-        f'kho_agent_workloads{{{lab},state="failed"}} {sum(not w["verified"] for w in ws)}',
+        f'kho_agent_workloads{{{lab},state="verified"}} {sum(w.verified for w in ws)}',
+        f'kho_agent_workloads{{{lab},state="failed"}} {sum(not w.verified for w in ws)}',
         "# HELP kho_agent_preserved_bytes Bytes of workload memfds preserved.",
         "# TYPE kho_agent_preserved_bytes gauge",
-        f"kho_agent_preserved_bytes{{{lab}}} {sum(w['size'] for w in ws)}",
+        f"kho_agent_preserved_bytes{{{lab}}} {sum(w.size for w in ws)}",
     ]
-    inc = rep["radix"]["incoming"]
+    inc = r.radix.incoming
     if inc is not None:
-        lines += ["# HELP kho_agent_radix_tree_intact 1 if the incoming radix tree was still intact.",
+        lines += [("# HELP kho_agent_radix_tree_intact 1 if the incoming radix tree was still "
+                   "intact."),
                   "# TYPE kho_agent_radix_tree_intact gauge",
-                  f"kho_agent_radix_tree_intact{{{lab}}} {1 if inc['intact'] else 0}"]
+                  f"kho_agent_radix_tree_intact{{{lab}}} {1 if inc.intact else 0}"]
     lines += ["# HELP kho_agent_radix_snapshot_present 1 if a pre-kexec radix snapshot was taken.",
               "# TYPE kho_agent_radix_snapshot_present gauge",
-              f"kho_agent_radix_snapshot_present{{{lab}}} {0 if rep['radix']['snapshot'] is None else 1}"]
-    md = rep.get("kexec_metadata") or {}
+              f"kho_agent_radix_snapshot_present{{{lab}}} {0 if r.radix.snapshot is None else 1}"]
+    md = r.kexec_metadata or {}
     if "kexec_count" in md:
         lines += ["# HELP kho_agent_kexec_count kexec boots since the last cold boot.",
-                  "# TYPE kho_agent_kexec_count gauge", f"kho_agent_kexec_count{{{lab}}} {md['kexec_count']}"]
+                  "# TYPE kho_agent_kexec_count gauge",
+                  f"kho_agent_kexec_count{{{lab}}} {md['kexec_count']}"]
     return "\n".join(lines) + "\n"
 
 
-def write_report(rep: dict, state_dir: str, textfile_dir: Optional[str] = None) -> None:
+def write_report(rep: Union[HandoverReport, dict[str, Any]], state_dir: str,
+                 textfile_dir: Optional[str] = None) -> None:
     """report.json in the state dir; the .prom file there and in `textfile_dir` if given."""
-    write_json(os.path.join(state_dir, REPORT_FILE), rep)
-    text = prom_text(rep).encode()
+    r = _report(rep)
+    write_json(os.path.join(state_dir, REPORT_FILE), r.to_json())
+    text = prom_text(r).encode()
     for d in filter(None, (state_dir, textfile_dir)):
         atomic_write(os.path.join(d, PROM_FILE), text, mode=0o644)

@@ -105,8 +105,8 @@ def read_incoming(kernel: Kernel, snapshot: Optional[dict]) -> dict:
     blob = kernel.read_debugfs("kho/in/fdt")
     if not blob:
         return {"present": False, "root": None, "intact": False, "valid_nodes": 0,
-                "errors": ["no debugfs kho/in/fdt: the new kernel did not take the handover "
-                           "(not a KHO boot, or it refused the handover FDT)"],
+                "errors": [("no debugfs kho/in/fdt: the new kernel did not take the handover "
+                            "(not a KHO boot, or it refused the handover FDT)")],
                 "metadata": None}
     try:
         root = decode_kho_fdt(blob)
@@ -124,15 +124,16 @@ def read_incoming(kernel: Kernel, snapshot: Optional[dict]) -> dict:
     with kernel.open_physmem() as mem:
         w = walk_radix(mem.read, root.memory_map_root, geometry(ps, root.compatible),
                        in_ram=mem.contains)
+    errors: list[str] = list(w.errors[:16])
     out = {"present": True, "compatible": root.compatible, "root": root.memory_map_root,
-           "intact": w.intact, "valid_nodes": w.nodes, "errors": list(w.errors[:16]),
+           "intact": w.intact, "valid_nodes": w.nodes, "errors": errors,
            "metadata": md, "matches_snapshot": None}
     # A walk that "succeeds" over a reused root page (zeroed: no children) is not the old
     # tree: the tree is intact only if it still holds what was preserved -- every block
     # of the pre-kexec snapshot, or at least the blobs the incoming FDT points at.
     ranges = w.ranges()
     if snapshot is not None and snapshot.get("root") != root.memory_map_root:
-        out["errors"].append(f"incoming root 0x{root.memory_map_root:x} is not the "
+        errors.append(f"incoming root 0x{root.memory_map_root:x} is not the "
                              f"snapshot's 0x{snapshot.get('root', 0):x}")
         out["matches_snapshot"] = False
     elif snapshot is not None:
@@ -140,14 +141,14 @@ def read_incoming(kernel: Kernel, snapshot: Optional[dict]) -> dict:
         have = sum(1 for p, o, c in want if covered(ranges, p, c * (ps << o)))
         out["matches_snapshot"] = have == len(want)
         if have != len(want):
-            out["errors"].append(f"walk found {have} of {len(want)} snapshot block runs")
+            errors.append(f"walk found {have} of {len(want)} snapshot block runs")
     missing = [s.name for s in root.subtrees if not covered(ranges, s.phys, max(1, s.size or 1))]
     if missing:
-        out["errors"].append("preserved blobs not in the tree: " + ", ".join(missing))
+        errors.append("preserved blobs not in the tree: " + ", ".join(missing))
     if out["matches_snapshot"] is False or missing:
         out["intact"] = False
     if not out["intact"]:
-        out["errors"].append("tree no longer intact: its node pages were never preserved "
+        errors.append("tree no longer intact: its node pages were never preserved "
                              "and the new kernel has reused them; the pre-kexec snapshot "
                              "is the record")
     return out

@@ -12,8 +12,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .agentbuild import build_agent
 from kho_agent.atomicfile import atomic_write
+
+from .agentbuild import build_agent
 from .playbook import Playbook
 
 __all__ = ["Artifacts", "build_artifacts"]

@@ -3,6 +3,10 @@
 Host rows carry the agents' handover reports (kho-fleet/handover-report/v1) in `report`.
 Written as fleet.json, fleet.md and one self-contained fleet.html (inline CSS and SVG, no
 script, nothing fetched), beside hosts/<host>.json ({"agent": ..., "controller": ...}).
+
+Records: `HostReport` is one hosts/<host>.json; `AgentOutcome` is what the fleet report
+reads of a host's handover report (every field's type checked: an InputError naming the
+host and the field); `FleetHost` is one row of fleet.json's "hosts". JSON only at the edge.
 """
 
 from __future__ import annotations
@@ -14,14 +18,19 @@ import os
 import re
 import time
 from collections import Counter
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from kho_agent.atomicfile import atomic_write
+from kho_agent.fields import Fields
 
+from .errors import InputError
 from .metrics import DOWNTIME_BUCKETS, handover_downtime
 from .statedb import HostRow, StateDB
 
 __all__ = ["SCHEMA", "percentile", "downtime_summary", "host_report_path", "controller_timings",
+           "AgentFailure", "AgentOutcome", "HostReport", "FleetHost",
            "write_host_report", "build_fleet_report", "render_markdown", "render_html",
            "write_fleet_report"]
 
@@ -50,13 +59,123 @@ def downtime_summary(values: Sequence[float], buckets: Sequence[float] = DOWNTIM
     """count, p50, p95, max and per-bucket counts: {lo, hi, count} with lo < v <= hi
     (hi None: above the last bucket)."""
     edges = [0.0, *buckets]
-    hist = [{"lo": edges[i], "hi": b, "count": 0} for i, b in enumerate(buckets)]
+    hist: list[dict[str, Any]] = [{"lo": edges[i], "hi": b, "count": 0}
+                                  for i, b in enumerate(buckets)]
     hist.append({"lo": edges[-1], "hi": None, "count": 0})
     for v in values:
         i = next((i for i, b in enumerate(buckets) if v <= b), len(buckets))
         hist[i]["count"] += 1
     return {"count": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
             "max": round(max(values), 6) if values else None, "buckets": hist}
+
+
+# -- records ---------------------------------------------------------------------------------
+
+def _fields(raw: Any, where: str) -> Fields:
+    """A typed reader of one JSON object whose errors are the controller's InputError."""
+    return Fields(raw, where, InputError)
+
+
+@dataclass
+class AgentFailure:
+    """Why a host failed, as the fleet report shows it: a phase and one line."""
+
+    phase: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"phase": self.phase, "reason": self.reason}
+
+
+@dataclass
+class AgentOutcome:
+    """What the fleet report reads of one handover report (kho-fleet/handover-report/v1):
+    an agent's, or the short one the controller writes for a host that failed before its
+    agent reported. Missing fields are None; a field of the wrong type is an InputError."""
+
+    result: Optional[str] = None
+    failure: Optional[AgentFailure] = None
+    blackout_s: Optional[float] = None
+    kernel_from: Optional[str] = None
+    kernel_to: Optional[str] = None
+    workloads_verified: int = 0
+    workloads_total: int = 0
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "report") -> AgentOutcome:
+        f = _fields(raw, where)
+        fail = None
+        fr = f.opt_dict("failure")
+        if fr:
+            ff = _fields(fr, f.at("failure"))
+            fail = AgentFailure(ff.opt_text("phase") or "agent", ff.opt_text("reason") or "")
+        down = f.opt_dict("downtime")
+        kernel = f.opt_dict("kernel")
+        kf = _fields(kernel or {}, f.at("kernel"))
+        k_from, k_to = (_fields(kf.opt_dict(side) or {}, kf.at(side)).opt_text("release")
+                        for side in ("from", "to"))
+        ws = f.records("workloads", lambda w, at: _fields(w, at).opt_flag("verified"))
+        return cls(result=f.opt_text("result"), failure=fail,
+                   blackout_s=_fields(down or {}, f.at("downtime")).opt_number("blackout_s"),
+                   kernel_from=k_from, kernel_to=k_to,
+                   workloads_verified=sum(1 for v in ws if v), workloads_total=len(ws))
+
+
+@dataclass
+class HostReport:
+    """hosts/<host>.json: the host's handover report, kept as it was written (the agent's
+    schema is the agent's), and what the controller saw (controller_timings or the
+    engine's own timings)."""
+
+    host: str
+    agent: Optional[dict[str, Any]] = None
+    controller: dict[str, Any] = field(default_factory=dict)
+
+    def outcome(self) -> Optional[AgentOutcome]:
+        """The agent's report as the fleet report reads it (None: no report)."""
+        return None if self.agent is None else AgentOutcome.from_json(
+            self.agent, f"host {self.host}: report")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "agent": self.agent, "controller": self.controller}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "host report") -> HostReport:
+        """A host report from its JSON; InputError naming `where` and the field."""
+        f = _fields(raw, where)
+        out = cls(host=f.text("host"), agent=f.opt_dict("agent"),
+                  controller=f.opt_dict("controller") or {})
+        if out.agent is not None:
+            AgentOutcome.from_json(out.agent, f.at("agent"))
+        return out
+
+
+@dataclass
+class FleetHost:
+    """One host's row in fleet.json: where it is, how its handover went, where its report is."""
+
+    name: str
+    stage: str
+    state: str
+    result: Optional[str] = None
+    failure: Optional[AgentFailure] = None
+    downtime_s: Optional[float] = None        # the controller's measurement
+    blackout_s: Optional[float] = None        # the agent's
+    kernel_from: Optional[str] = None
+    kernel_to: Optional[str] = None
+    workloads: Optional[tuple[int, int]] = None   # (verified, total); None: no report
+    report: Optional[str] = None              # hosts/<host>.json, when there is a report
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "stage": self.stage, "state": self.state, "result": self.result,
+            "failure": None if self.failure is None else self.failure.to_json(),
+            "downtime_s": self.downtime_s, "blackout_s": self.blackout_s,
+            "kernel": {"from": self.kernel_from, "to": self.kernel_to},
+            "workloads": (None if self.workloads is None else
+                          {"verified": self.workloads[0], "total": self.workloads[1]}),
+            "report": self.report,
+        }
 
 
 # -- host reports ----------------------------------------------------------------------------
@@ -83,28 +202,26 @@ def _write_text(path: str, text: str) -> None:
 def write_host_report(out_dir: str, host: str, agent_report: Optional[dict],
                       controller: dict) -> str:
     """Write hosts/<host>.json = {"host", "agent", "controller"}; returns its relative path."""
+    rec = HostReport(host, agent_report, controller)
     rel = host_report_path(host)
     _write_text(os.path.join(out_dir, rel),
-                json.dumps({"host": host, "agent": agent_report, "controller": controller},
-                           indent=2, sort_keys=True) + "\n")
+                json.dumps(rec.to_json(), indent=2, sort_keys=True) + "\n")
     return rel
 
 
 # -- building --------------------------------------------------------------------------------
 
-def _result(row: HostRow) -> Optional[str]:
-    rep = row.report or {}
+def _result(row: HostRow, rep: AgentOutcome) -> Optional[str]:
     if row.state == "skipped":
         return "skipped"
     if row.state == "failed":
-        return rep.get("result") if rep.get("result") in ("failed", "aborted") else "failed"
-    return rep.get("result")
+        return rep.result if rep.result in ("failed", "aborted") else "failed"
+    return rep.result
 
 
-def _failure(db: StateDB, row: HostRow) -> Optional[dict]:
-    agent = (row.report or {}).get("failure")
-    if agent:
-        return {"phase": agent.get("phase") or "agent", "reason": agent.get("reason") or ""}
+def _failure(db: StateDB, row: HostRow, rep: AgentOutcome) -> Optional[AgentFailure]:
+    if rep.failure is not None:
+        return rep.failure
     if row.state != "failed":
         return None
     phase = "controller"
@@ -112,30 +229,26 @@ def _failure(db: StateDB, row: HostRow) -> Optional[dict]:
         if ev.event == "state" and ev.detail and " -> failed" in ev.detail:
             phase = ev.detail.split(" -> ", 1)[0]
             break
-    return {"phase": phase, "reason": row.error or "unknown"}
+    return AgentFailure(phase, row.error or "unknown")
 
 
-def _host(db: StateDB, row: HostRow, stage: str) -> dict:
-    rep = row.report
-    kernel = (rep or {}).get("kernel") or {}
-    ws = (rep or {}).get("workloads") or []
-    return {
-        "name": row.name, "stage": stage, "state": row.state, "result": _result(row),
-        "failure": _failure(db, row),
-        "downtime_s": None if row.downtime_s is None else round(row.downtime_s, 6),
-        "blackout_s": ((rep or {}).get("downtime") or {}).get("blackout_s"),
-        "kernel": {"from": (kernel.get("from") or {}).get("release"),
-                   "to": (kernel.get("to") or {}).get("release")},
-        "workloads": ({"verified": sum(1 for w in ws if w.get("verified")), "total": len(ws)}
-                      if rep is not None else None),
-        "report": host_report_path(row.name) if rep is not None else None,
-    }
+def _host(db: StateDB, row: HostRow, stage: str) -> FleetHost:
+    rec = HostReport(row.name, row.report)
+    rep = rec.outcome() or AgentOutcome()
+    return FleetHost(
+        name=row.name, stage=stage, state=row.state, result=_result(row, rep),
+        failure=_failure(db, row, rep),
+        downtime_s=None if row.downtime_s is None else round(row.downtime_s, 6),
+        blackout_s=rep.blackout_s, kernel_from=rep.kernel_from, kernel_to=rep.kernel_to,
+        workloads=((rep.workloads_verified, rep.workloads_total)
+                   if row.report is not None else None),
+        report=host_report_path(row.name) if row.report is not None else None)
 
 
-def _downtimes(hosts: list[dict]) -> list[float]:
+def _downtimes(hosts: list[FleetHost]) -> list[float]:
     out = []
     for h in hosts:
-        d = handover_downtime({"downtime": {"blackout_s": h["blackout_s"]}}, h["downtime_s"])
+        d = handover_downtime({"downtime": {"blackout_s": h.blackout_s}}, h.downtime_s)
         if d is not None:
             out.append(d)
     return out
@@ -149,7 +262,7 @@ def build_fleet_report(db: StateDB, target: Optional[str] = None) -> dict:
     rows = db.hosts()
     hosts = [_host(db, r, names[r.stage_idx]) for r in rows]
     if target is None:
-        releases = Counter(h["kernel"]["to"] for h in hosts if h["kernel"]["to"])
+        releases = Counter(h.kernel_to for h in hosts if h.kernel_to)
         target = releases.most_common(1)[0][0] if releases else None
     finished = None
     if ro.status in _FINAL:
@@ -161,10 +274,9 @@ def build_fleet_report(db: StateDB, target: Optional[str] = None) -> dict:
         dt = downtime_summary(_downtimes(hs))
         stage_out.append({
             "index": s.idx, "name": s.name, "status": s.status, "hosts": len(hs),
-            "succeeded": sum(1 for h in hs
-                             if h["result"] == "success" and h["state"] == "reported"),
-            "failed": sum(1 for h in hs if h["result"] in ("failed", "aborted")),
-            "skipped": sum(1 for h in hs if h["state"] == "skipped"),
+            "succeeded": sum(1 for h in hs if h.result == "success" and h.state == "reported"),
+            "failed": sum(1 for h in hs if h.result in ("failed", "aborted")),
+            "skipped": sum(1 for h in hs if h.state == "skipped"),
             "gate": s.gate, "started": s.started_at, "finished": s.finished_at,
             "downtime": {k: dt[k] for k in ("count", "p50", "p95", "max")},
         })
@@ -176,9 +288,9 @@ def build_fleet_report(db: StateDB, target: Optional[str] = None) -> dict:
                     "created": ro.created, "finished": finished, "target": target,
                     "hosts_by_state": db.counts()},
         "stages": stage_out,
-        "hosts": hosts,
-        "failures": [{"host": h["name"], "stage": h["stage"], **h["failure"]}
-                     for h in hosts if h["failure"]],
+        "hosts": [h.to_json() for h in hosts],
+        "failures": [{"host": h.name, "stage": h.stage, **h.failure.to_json()}
+                     for h in hosts if h.failure is not None],
         "downtime": downtime_summary(_downtimes(hosts)),
     }
 
@@ -264,7 +376,8 @@ def _md_table(cols: list[str], rows: list[list[str]],
 
 
 def _linked(rel: Optional[str], out_dir: Optional[str]) -> bool:
-    return bool(rel) and (out_dir is None or os.path.isfile(os.path.join(out_dir, rel)))
+    return rel is not None and rel != "" and (
+        out_dir is None or os.path.isfile(os.path.join(out_dir, rel)))
 
 
 def render_markdown(fleet: dict, out_dir: Optional[str] = None) -> str:
@@ -307,8 +420,8 @@ def _svg(dt: dict, width: int = 640, height: int = 260) -> str:
     ytop = step * math.ceil(ymax / step)
     e = html.escape
     y0 = top + ph
-    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="downtime distribution" font-family="sans-serif" font-size="11">',
+    out = [(f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="downtime distribution" font-family="sans-serif" font-size="11">'),
            f'<line x1="{left}" y1="{y0}" x2="{left + pw}" y2="{y0}" stroke="#333"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{y0}" stroke="#333"/>']
     for t in range(0, ytop + 1, step):
@@ -367,8 +480,8 @@ def render_html(fleet: dict, out_dir: Optional[str] = None) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>kho-fleet rollout {e(ro['id'])}</title>", f"<style>{_CSS}</style>",
              "</head><body>",
-             f'<h1>Rollout {e(ro["id"])}: '
-             f'<span class="{e(ro["status"])}">{e(ro["status"])}</span></h1>']
+             (f'<h1>Rollout {e(ro["id"])}: '
+              f'<span class="{e(ro["status"])}">{e(ro["status"])}</span></h1>')]
     parts.append(_html_table(None, [[f"<th>{e(k)}</th>", _td(v)] for k, v in _summary(ro)]))
     parts.append("<h2>Stages</h2>")
     parts.append(_html_table(_STAGE_COLS, [

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .inventory import Host
-from .transport import HostUnreachable, LocalTransport, Transport, TransportError
+from .transport import LocalTransport, Transport, TransportError
 
 __all__ = ["AccessOptions", "AgentCall", "HostAccess", "host_access"]
 

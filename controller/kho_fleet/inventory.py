@@ -222,7 +222,9 @@ class _Builder:
         try:
             if isinstance(node, yaml.SequenceNode):
                 return [self.build(n, path + (i,)) for i, n in enumerate(node.value)]
-            return self._mapping(node, path)
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, path)
+            self.doc.fail(path, f"unexpected YAML node {type(node).__name__}")
         finally:
             self.active.discard(id(node))
 
@@ -310,7 +312,8 @@ HOST_VARS: tuple[HostVar, ...] = (
     HostVar("kho_sim_release", "str", "7.2.13-twin", "sim hosts: the twin's running release"),
     HostVar("kho_sim_kho", "choice", "kho-v4", "sim hosts: the KHO ABI the twin's kernel speaks",
             ("kho-v2", "kho-v3", "kho-v4")),
-    HostVar("kho_site", "str", "default", "the site whose workers drive the host (temporal engine)"),
+    HostVar("kho_site", "str", "default",
+            "the site whose workers drive the host (temporal engine)"),
 )
 _VARS = {v.name: v for v in HOST_VARS}
 

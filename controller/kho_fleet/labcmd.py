@@ -17,15 +17,15 @@ imported only when a lab command runs: the rest of the CLI does not depend on it
 
 from __future__ import annotations
 
-from .errors import InputError
-
 import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Optional
+
+from .errors import InputError
 
 __all__ = ["LabCliError", "add_lab_parser", "run"]
 
@@ -65,7 +65,7 @@ class _Progress:
         self._console: Any = None
         self.t0 = time.monotonic()
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         """Start the spinner (on a terminal)."""
         from rich.console import Console
         self._console = Console(stderr=True, highlight=False)
@@ -89,7 +89,7 @@ class _Progress:
             self._status.stop()
 
 
-def _emit(args: argparse.Namespace, data: Any, lines: List[str]) -> None:
+def _emit(args: argparse.Namespace, data: Any, lines: list[str]) -> None:
     """Print `data` as JSON with --json, else the human `lines`."""
     if args.json:
         json.dump(data, sys.stdout, indent=1)
@@ -128,8 +128,8 @@ def cmd_build_kernel(args: argparse.Namespace) -> int:
         with _Progress(f"building the lab kernel in {args.source}") as p:
             rec = build_kernel(args.source, args.kernels, args.config, build_dir=args.build_dir,
                                jobs=args.jobs, note=p.note)
-    _emit(args, rec, [f"{rec['path']}  {rec['release']} {rec['kho']} {rec['luo']} "
-                      f"{rec['memfd']}", f"sha256 {rec['sha256']}"])
+    _emit(args, rec, [(f"{rec['path']}  {rec['release']} {rec['kho']} {rec['luo']} "
+                       f"{rec['memfd']}"), f"sha256 {rec['sha256']}"])
     return 0
 
 

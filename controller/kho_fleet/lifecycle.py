@@ -23,11 +23,12 @@ or retried engine reconnects and verifies instead.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Optional
 
-__all__ = ["Step", "LIFECYCLE", "STEP_NAMES", "step", "steps_from", "states_before_kexec", "happy_path",
-           "agent_argv", "check_against"]
+__all__ = ["Step", "LIFECYCLE", "STEP_NAMES", "step", "steps_from", "states_before_kexec",
+           "happy_path", "agent_argv", "check_against"]
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def agent_argv(s: Step, values: Mapping[str, object]) -> list[str]:
     return argv
 
 
-def check_against(transitions: Mapping[str, "frozenset[str] | set[str]"]) -> None:
+def check_against(transitions: Mapping[str, frozenset[str] | set[str]]) -> None:
     """Raise ValueError unless every edge of the table is an allowed transition.
 
     Edges: runs_in -> commit_first -> to (or runs_in -> to), for every step.

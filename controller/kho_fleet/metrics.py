@@ -7,15 +7,20 @@ to a Pushgateway under the grouping key {rollout_id} (`push`).
 
 from __future__ import annotations
 
-from .errors import InputError
-
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway
-from prometheus_client import start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    push_to_gateway,
+    start_http_server,
+)
 
+from .errors import InputError
 from .statedb import HOST_STATES, ROLLOUT_STATUSES
 
 __all__ = ["MetricsError", "MetricDoc", "METRICS", "DOWNTIME_BUCKETS", "HANDOVER_RESULTS",

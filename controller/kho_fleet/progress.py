@@ -17,7 +17,8 @@ _DONE = ("reported", "failed", "skipped")
 class RolloutProgress:
     """Feeds a rich Progress from the engine's (host, state, detail) notifications."""
 
-    def __init__(self, stages: list[tuple[str, list[str]]], console: Optional[Console] = None) -> None:
+    def __init__(self, stages: list[tuple[str, list[str]]],
+                 console: Optional[Console] = None) -> None:
         self.console = console or Console(stderr=True)
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
@@ -45,7 +46,7 @@ class RolloutProgress:
             if done:
                 self.progress.advance(self.stage_of[host])
 
-    def __enter__(self) -> "RolloutProgress":
+    def __enter__(self) -> RolloutProgress:
         self.progress.start()
         return self
 

@@ -29,23 +29,24 @@ Timestamps are Unix seconds (REAL).
 
 from __future__ import annotations
 
-from .errors import Bug, InputError
-
 import json
 import os
 import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
+
 from kho_agent.digest import sha256_file
 
 from . import lifecycle
+from .errors import Bug, InputError
 
 __all__ = ["StateError", "IllegalTransition", "HOST_STATES", "HAPPY_PATH", "ROLLOUT_STATUSES",
-           "STAGE_STATUSES", "FINAL_STATUSES", "TRANSITIONS", "RolloutRow", "StageRow", "HostRow", "Event",
-           "StateDB", "list_rollouts", "DB_NAME"]
+           "STAGE_STATUSES", "FINAL_STATUSES", "TRANSITIONS", "RolloutRow", "StageRow", "HostRow",
+           "Event", "StateDB", "list_rollouts", "DB_NAME"]
 
 DB_NAME = "state.db"
 SCHEMA_VERSION = 2          # 2: rollout.options (the mode and every option that changes hosts)
@@ -250,7 +251,7 @@ class StateDB:
     def create(cls, rollouts_dir: str, *, playbook_path: str, inventory_path: str,
                stages: Sequence[tuple[str, Sequence[str]]],
                rollout_id: Optional[str] = None,
-               options: Optional[dict] = None) -> "StateDB":
+               options: Optional[dict] = None) -> StateDB:
         """A new rollout: `stages` is [(name, [host, ...]), ...]; every host starts pending.
 
         The inputs' sha256s are recorded so a resume can refuse changed files, and so are
@@ -292,8 +293,8 @@ class StateDB:
                     "INSERT INTO host(rollout, name, stage_idx, state, updated) "
                     "VALUES (?,?,?,?,?)", [(rid, h, idx, "pending", now) for h in hosts])
             conn.execute("INSERT INTO event(ts, host, event, detail) VALUES (?,?,?,?)",
-                         (now, None, "rollout", f"created with {len(seen)} hosts in "
-                                                f"{len(stages)} stages"))
+                         (now, None, "rollout",
+                          f"created with {len(seen)} hosts in {len(stages)} stages"))
             conn.execute("COMMIT")
             conn.execute("PRAGMA journal_mode = WAL")
         except BaseException:
@@ -307,7 +308,7 @@ class StateDB:
         return cls(path)
 
     @classmethod
-    def open(cls, path: str) -> "StateDB":
+    def open(cls, path: str) -> StateDB:
         """An existing rollout, by its state.db or its directory."""
         if os.path.isdir(path):
             path = os.path.join(path, DB_NAME)
@@ -331,13 +332,13 @@ class StateDB:
             self._conns.clear()
         self._local = threading.local()
 
-    def __enter__(self) -> "StateDB":
+    def __enter__(self) -> StateDB:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _write(self) -> "_Txn":
+    def _write(self) -> _Txn:
         return _Txn(self._conn(), self._write_lock)
 
     # -- the rollout and its stages ------------------------------------------------------
@@ -401,7 +402,8 @@ class StateDB:
 
     def hosts(self, stage: Optional[int] = None, state: Optional[str] = None) -> list[HostRow]:
         """Hosts (optionally of one stage and/or in one state), in creation order."""
-        q, args = "SELECT * FROM host WHERE 1", []
+        q = "SELECT * FROM host WHERE 1"
+        args: list[object] = []
         if stage is not None:
             q, args = q + " AND stage_idx = ?", args + [stage]
         if state is not None:

@@ -18,10 +18,12 @@ build trees.
 
 from __future__ import annotations
 
-import re
+import gc
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from itertools import compress
+from operator import add, and_, neg, sub, xor
+from typing import Any, Callable, Optional, Sequence
 
 from .memory import MemoryReadError, Reader
 from .versions import kho_abi, page_shift
@@ -35,8 +37,6 @@ __all__ = [
 ]
 
 _MASK64 = (1 << 64) - 1
-_NONZERO = re.compile(rb"[^\x00]+", re.S)
-_ONES = re.compile("1+")
 _MAX_ERRORS = 64
 
 
@@ -166,35 +166,113 @@ class _Emitter:
             w.blocks.append([pa, order, count])
 
 
-def _leaf_runs(leaf: bytes) -> list[tuple[int, int]]:
-    """(first_bit, nbits) of every run of set bits in a little-endian bitmap, in order.
+def _set_bits(words: Sequence[int], first: int = 0, bits: int = -1) -> list[int]:
+    """`first` + the index of every set bit of little-endian 64-bit `words` (word j holds
+    bits 64j..64j+63), ascending. `bits`: their popcount if known.
 
-    Sparse leaves are scanned a nonzero byte-run at a time (regex over the bytes);
-    busy leaves as one binary string (one regex match per run, all in C).
+    Word by word and in C: itertools.compress drops the zero words, then each round peels
+    the lowest set bit of every remaining word (x & -x, bit_length) in one map pass.
+    Rounds are bounded by the densest word (<= 64); the result is sorted once.
     """
-    busy = len(leaf) - leaf.count(0)
-    if busy == 0:
-        return []
-    if busy > 256 and leaf.count(0xFF) != busy:
-        bits = format(int.from_bytes(leaf, "little"), "b")[::-1]
-        return [(m.start(), m.end() - m.start()) for m in _ONES.finditer(bits)]
-    out = []
-    for m in _NONZERO.finditer(leaf):
-        s, e = m.span()
-        seg = m.group()
-        if seg.count(0xFF) == e - s:
-            out.append((s * 8, (e - s) * 8))
-            continue
-        v = int.from_bytes(seg, "little")
-        base = s * 8
-        while v:
-            low = v & -v
-            start = low.bit_length() - 1
-            nxt = v + low                   # carries through the run
-            end = (nxt & -nxt).bit_length() - 1
-            v &= nxt                        # drop this run
-            out.append((base + start, end - start))
+    idx = list(compress(range(first - 1, first - 1 + 64 * len(words), 64), words))
+    nz = list(compress(words, words))
+    if bits == len(nz):                       # one bit per word: one pass, no sort
+        return list(map(add, idx, map(_BIT_LENGTH, nz)))
+    out: list[int] = []
+    while idx:
+        low = list(map(and_, nz, map(neg, nz)))
+        out += map(add, idx, map(_BIT_LENGTH, low))
+        rest = list(map(xor, nz, low))
+        idx = list(compress(idx, rest))
+        nz = list(compress(rest, rest))
+    out.sort()
     return out
+
+
+def _leaf_blocks(leaf: bytes, base: int = 0, shift: int = 0, order: int = 0
+                 ) -> tuple[list[list[int]], int]:
+    """The runs of set bits in a little-endian leaf bitmap as [base + (bit << shift),
+    order, nbits] lists (bit: a run's first bit), in order, and the number of set bits.
+
+    Word by word, never bit by bit: with the bitmap as one int x, x & (x >> 1) == 0 means
+    every run is one bit (isolated blocks); if moreover every non-zero 64-bit word holds
+    one bit (popcount == non-zero words), a word's bit is its bit_length and each list is
+    built in one pass. Otherwise the run starts x & ~(x << 1) and ends x & ~(x >> 1) are
+    located with _set_bits.
+    """
+    nbytes = len(leaf)
+    zeros, ones = _constant_pages(nbytes)
+    if leaf == zeros:
+        return [], 0
+    if leaf == ones:                          # one run over the whole leaf
+        return [[base, order, nbytes * 8]], nbytes * 8
+    unpack = _unpacker(nbytes)
+    words = unpack(leaf)
+    v = int.from_bytes(leaf, "little")
+    nbits = _popcount(v)
+    if nbits <= _FEW_BITS:                    # a few bits: a short loop over their words
+        out: list[list[int]] = []
+        for j in compress(range(len(words)), words):
+            x = words[j]
+            while x:
+                low = x & -x
+                x ^= low
+                bit = (j << 6) + low.bit_length() - 1
+                pa = base + (bit << shift)
+                if out and out[-1][2] == bit - out[-1][3]:
+                    out[-1][2] += 1           # [pa, order, n, first bit] until the end
+                else:
+                    out.append([pa, order, 1, bit])
+        for run in out:
+            del run[3]
+        return out, nbits
+    if not v & (v >> 1):                      # isolated bits
+        nz = list(compress(words, words))
+        if _popcount(v) == len(nz):           # one bit per non-zero word
+            wstep = 64 << shift
+            first = base - (1 << shift)       # bit_length is the bit's index + 1
+            bl = _BIT_LENGTH
+            out = [[wb + (bl(x) << shift), order, 1]
+                   for wb, x in zip(compress(range(first, first + wstep * len(words), wstep),
+                                             words), nz)]
+        else:
+            out = [[base + (b << shift), order, 1] for b in _set_bits(words, 0, nbits)]
+        return out, len(out)
+    starts = v & ~(v << 1)
+    nruns = _popcount(starts)
+    firsts = _set_bits(unpack(starts.to_bytes(nbytes, "little")), 0, nruns)
+    ends = _set_bits(unpack((v & ~(v >> 1)).to_bytes(nbytes, "little")), 1, nruns)
+    lengths = list(map(sub, ends, firsts))
+    out = [[base + (b << shift), order, n] for b, n in zip(firsts, lengths)]
+    return out, sum(lengths)
+
+
+def _constant_pages(nbytes: int) -> tuple[bytes, bytes]:
+    """An all-zero and an all-ones page of `nbytes`, cached."""
+    pair = _CONSTANT_PAGES.get(nbytes)
+    if pair is None:
+        pair = _CONSTANT_PAGES[nbytes] = (bytes(nbytes), b"\xff" * nbytes)
+    return pair
+
+
+def _unpacker(nbytes: int) -> Callable[[bytes], tuple[int, ...]]:
+    """struct unpack of `nbytes` (a multiple of 8) as little-endian u64 words, cached."""
+    fn = _UNPACKERS.get(nbytes)
+    if fn is None:
+        fn = _UNPACKERS[nbytes] = struct.Struct(f"<{nbytes // 8}Q").unpack
+    return fn
+
+
+def _popcount_bin(v: int) -> int:
+    """Set bits of v >= 0 on Python < 3.10 (no int.bit_count)."""
+    return bin(v).count("1")
+
+
+_UNPACKERS: dict[int, Callable[[bytes], tuple[int, ...]]] = {}
+_CONSTANT_PAGES: dict[int, tuple[bytes, bytes]] = {}
+_FEW_BITS = 64          # up to this many set bits a leaf is decoded by a Python loop
+_BIT_LENGTH = int.bit_length
+_popcount: Callable[[int], int] = getattr(int, "bit_count", _popcount_bin)
 
 
 def walk_radix(read: Reader, root: int, g: RadixGeometry, *,
@@ -208,7 +286,24 @@ def walk_radix(read: Reader, root: int, g: RadixGeometry, *,
 
     Never raises for bad trees: cycles, shared or misaligned nodes, unreadable pointers,
     slots beyond the key space, key-less bits and blocks outside RAM become errors.
+
+    The cyclic garbage collector is paused for the walk (and restored after): the walk
+    allocates one small acyclic list per block, and on trees of isolated pages the
+    collector's passes over them cost as much as the rest of the walk.
     """
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return _walk(read, root, g, in_ram, max_nodes)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _walk(read: Reader, root: int, g: RadixGeometry,
+          in_ram: Optional[Callable[[int, int], bool]], max_nodes: int) -> RadixWalk:
+    """walk_radix() proper."""
     w = RadixWalk(root=root, geometry=g)
     emit = _Emitter(w)
     ps = g.page_size
@@ -246,10 +341,10 @@ def walk_radix(read: Reader, root: int, g: RadixGeometry, *,
             continue
         shift = g.shift(level)
         children: list[tuple[int, int, int, str]] = []
-        if page.count(0) != ps:
-            for idx, child in enumerate(unpack(page)):
-                if not child:
-                    continue
+        if page != _constant_pages(ps)[0]:
+            ptrs = unpack(page)
+            for idx in compress(range(slots), ptrs):    # non-zero slots only, found in C
+                child = ptrs[idx]
                 key = prefix | (idx << shift)
                 if key >> key_bits:
                     w.error(f"{what}: slot {idx} points past the key space "
@@ -263,39 +358,49 @@ def walk_radix(read: Reader, root: int, g: RadixGeometry, *,
 def _walk_leaf(page: bytes, prefix: int, g: RadixGeometry, emit: _Emitter,
                w: RadixWalk, in_ram: Optional[Callable[[int, int], bool]]) -> None:
     """Emit the runs of one leaf bitmap whose keys start at `prefix`."""
-    ps = g.page_size
-    runs = _leaf_runs(page)
+    if not prefix:
+        _walk_leaf0(page, g, emit, w, in_ram)
+        return
+    # every key in this leaf shares prefix's order bit: one order for the leaf
+    order = g.order0 - (prefix.bit_length() - 1)
+    ss = g.page_shift + order
+    base = (prefix << ss) & _MASK64
+    runs, total = _leaf_blocks(page, base, ss, order)    # [[pa, order, n], ...]
     if not runs:
         return
-    if prefix:
-        # every key in this leaf shares prefix's order bit: one order for the leaf
-        order = g.order0 - (prefix.bit_length() - 1)
-        ss = g.page_shift + order
-        base = (prefix << ss) & _MASK64
-        last_bit, last_n = runs[-1]
-        if in_ram is not None and not in_ram(base + (runs[0][0] << ss),
-                                             (last_bit + last_n - runs[0][0]) << ss):
+    if in_ram is not None:
+        first, last = runs[0], runs[-1]
+        if not in_ram(first[0], last[0] - first[0] + (last[2] << ss)):
             good = []
-            for bit, n in runs:
-                if in_ram(base + (bit << ss), n << ss):
-                    good.append((bit, n))
+            for run in runs:
+                pa, _, n = run
+                if in_ram(pa, n << ss):
+                    good.append(run)
                 else:
-                    w.error(f"leaf at key 0x{prefix:x}: blocks 0x{base + (bit << ss):x} "
+                    total -= n
+                    w.error(f"leaf at key 0x{prefix:x}: blocks 0x{pa:x} "
                             f"(order {order}, {n}) outside RAM")
-            runs = good
-            if not runs:
+            if not good:
                 return
-        bit0, n0 = runs[0]
-        emit.run(base + (bit0 << ss), order, n0)       # may coalesce with the last run
-        rest = runs[1:]
-        if rest:
-            w.blocks.extend([[base + (bit << ss), order, n] for bit, n in rest])
-            total = sum(n for _, n in rest)
-            w.pages_by_order[order] = w.pages_by_order.get(order, 0) + total
-            w.preserved_bytes += total * (ps << order)
-        return
-    # the lowest leaf mixes (absurdly) high orders; decode bit by bit
-    for bit, n in runs:
+            runs = good
+    # the first run may continue the last one found; the others cannot (a zero bit
+    # separates them) and are taken as they are
+    first = runs[0]
+    size = g.page_size << order
+    last = w.blocks[-1] if w.blocks else None
+    if last is not None and last[1] == order and last[0] + last[2] * size == first[0]:
+        last[2] += first[2]
+        del runs[0]
+    w.blocks += runs
+    w.pages_by_order[order] = w.pages_by_order.get(order, 0) + total
+    w.preserved_bytes += total * size
+
+
+def _walk_leaf0(page: bytes, g: RadixGeometry, emit: _Emitter, w: RadixWalk,
+                in_ram: Optional[Callable[[int, int], bool]]) -> None:
+    """The lowest leaf mixes (absurdly) high orders: decode its keys one by one."""
+    ps = g.page_size
+    for bit, _, n in _leaf_blocks(page)[0]:
         for key in range(bit, bit + n):
             if key == 0:
                 w.error("leaf 0: bit 0 set, a key without an order bit")

@@ -35,7 +35,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import Optional
 
 from ..physmem import PhysicalMemory, PhysMemError, open_live_memory
 from . import uapi
@@ -134,7 +134,7 @@ class LinuxSession(Session):
             fd, self._fd = self._fd, -1
             os.close(fd)
 
-    def __enter__(self) -> "LinuxSession":
+    def __enter__(self) -> LinuxSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -178,7 +178,7 @@ class LinuxLiveUpdate(LiveUpdate):
             fd, self._fd = self._fd, -1
             os.close(fd)
 
-    def __enter__(self) -> "LinuxLiveUpdate":
+    def __enter__(self) -> LinuxLiveUpdate:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -187,7 +187,7 @@ class LinuxLiveUpdate(LiveUpdate):
 
 def _read_text(path: str, what: str) -> str:
     try:
-        with open(path, "r", errors="replace") as f:
+        with open(path, errors="replace") as f:
             return f.read()
     except OSError as e:
         raise KernelError(f"cannot read {path} ({what}): {e.strerror or e}") from None
@@ -299,7 +299,7 @@ class LinuxKernel(Kernel):
         except OSError as e:
             raise KernelError(f"cannot read {path}: {e.strerror or e}") from None
 
-    def list_debugfs(self, rel: str) -> List[str]:
+    def list_debugfs(self, rel: str) -> list[str]:
         path = self._debugfs_path(rel)
         try:
             return sorted(os.listdir(path))
@@ -337,7 +337,7 @@ class LinuxKernel(Kernel):
         except PhysMemError as e:
             raise KernelError(str(e)) from None
 
-    def memfd_pfns(self, fd: int, size: int) -> List[int]:
+    def memfd_pfns(self, fd: int, size: int) -> list[int]:
         """PFN of each page of the first `size` bytes of memfd `fd` (0: not present).
 
         Maps the file MAP_SHARED read-only, reads one byte of every page (so each one is
@@ -385,12 +385,12 @@ class LinuxKernel(Kernel):
                               "needs CAP_SYS_ADMIN (run as root)")
         return pfns
 
-    def page_flags(self, pfns: List[int]) -> Optional[List[int]]:
+    def page_flags(self, pfns: list[int]) -> Optional[list[int]]:
         """/proc/kpageflags u64 of each PFN (KPF_* bits), None if the file does not exist."""
         path = f"{self.proc}/kpageflags"
         if not os.path.exists(path):
             return None
-        out: List[int] = []
+        out: list[int] = []
         try:
             with open(path, "rb", buffering=0) as f:
                 fd = f.fileno()
@@ -488,7 +488,7 @@ class LinuxKernel(Kernel):
         words = self.cmdline().split()
         return " ".join(w for w in words if not w.startswith(("BOOT_IMAGE=", "crashkernel=")))
 
-    def _run_kexec(self, argv: List[str], what: str) -> None:
+    def _run_kexec(self, argv: list[str], what: str) -> None:
         try:
             res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                  timeout=300, env=self.child_env())
@@ -534,11 +534,11 @@ class LinuxKernel(Kernel):
         if self.kexec_tool:
             argv = ["/bin/sh", "-c", f'sleep {delay:.3f}; sync; exec "$0" -e', self.kexec_tool]
         else:
-            code = ("import ctypes, os, time; time.sleep(%r); os.sync(); "
+            code = (f"import ctypes, os, time; time.sleep({delay!r}); os.sync(); "
                     "libc = ctypes.CDLL(None, use_errno=True); "
-                    "r = libc.reboot(%d); "
+                    f"r = libc.reboot({LINUX_REBOOT_CMD_KEXEC:d}); "
                     "raise SystemExit('reboot(LINUX_REBOOT_CMD_KEXEC): ' + "
-                    "os.strerror(ctypes.get_errno()))" % (delay, LINUX_REBOOT_CMD_KEXEC))
+                    "os.strerror(ctypes.get_errno()))")
             argv = [sys.executable or "python3", "-c", code]
         try:
             log = open(os.path.join(self.state_dir(), "kexec-exec.log"), "ab")

@@ -304,7 +304,9 @@ class TwinKernel(Kernel):
     def kexec_file_load_supported(self) -> bool:
         return True
 
-    def kexec_load(self, kernel: str, initrd: Optional[str], cmdline: str) -> None:
+    def kexec_load(self, kernel: str, initrd: Optional[str], cmdline: Optional[str]) -> None:
+        """Load `kernel` on the twin; cmdline None reuses the running kernel's command line
+        (the twin server substitutes its own, as Kernel.kexec_load promises)."""
         self.control("kexec_load", kernel=os.path.abspath(kernel),
                      initrd=os.path.abspath(initrd) if initrd else None, cmdline=cmdline)
 

@@ -117,7 +117,7 @@ def pack_session_arg(name: str) -> bytearray:
     return bytearray(CREATE_SESSION.pack(CREATE_SESSION.size, -1, encode_name(name)))
 
 
-def unpack_session_fd(buf: bytes) -> int:
+def unpack_session_fd(buf: bytes | bytearray) -> int:
     return CREATE_SESSION.unpack(bytes(buf))[1]
 
 
@@ -128,7 +128,7 @@ def pack_fd_token(fd: int, token: int) -> bytearray:
     return bytearray(PRESERVE_FD.pack(PRESERVE_FD.size, fd, token))
 
 
-def unpack_fd(buf: bytes) -> int:
+def unpack_fd(buf: bytes | bytearray) -> int:
     return PRESERVE_FD.unpack(bytes(buf))[1]
 
 
@@ -140,5 +140,5 @@ def pack_get_name() -> bytearray:
     return bytearray(GET_NAME.pack(GET_NAME.size, 0, b""))
 
 
-def unpack_get_name(buf: bytes) -> str:
+def unpack_get_name(buf: bytes | bytearray) -> str:
     return decode_name(GET_NAME.unpack(bytes(buf))[2])

@@ -5,12 +5,12 @@ Used by `kho-fleet lab` (kho_fleet/labcmd.py) and the lab tests to boot KHO/LUO 
 under QEMU, roll kernels across them and dump their memory.
 """
 
+from kho_fleet.lab.fleet import GuestRecord, LabError, LabFleet
+from kho_fleet.lab.guest import GuestError, LabGuest, lab_key
 from kho_fleet.lab.initramfs import CpioEntry, Initramfs, build_init_initramfs, read_newc
 from kho_fleet.lab.qemu import DumpResult, QemuConfig, QemuError, QemuVM, find_qemu
 from kho_fleet.lab.qmp import QMPClient, QMPError
 from kho_fleet.lab.rootfs import RootfsError, build_rootfs, cached_rootfs
-from kho_fleet.lab.guest import GuestError, LabGuest, lab_key
-from kho_fleet.lab.fleet import GuestRecord, LabError, LabFleet
 
 __all__ = [
     "GuestError",

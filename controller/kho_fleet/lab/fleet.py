@@ -17,17 +17,16 @@ session, so Ctrl-C in the terminal that ran `lab up` does not take the guests do
 
 from __future__ import annotations
 
-from ..errors import KhoFleetError
-
 import json
 import os
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import yaml
 
@@ -37,6 +36,8 @@ from kho_fleet.lab.guest import GuestError, LabGuest, LabKey, _ssh_banner, lab_k
 from kho_fleet.lab.qemu import QemuError, dump_guest_memory, find_qemu
 from kho_fleet.lab.qmp import QMPClient, QMPError
 from kho_fleet.lab.rootfs import build_rootfs
+
+from ..errors import KhoFleetError
 
 __all__ = ["LabError", "GuestRecord", "LabFleet", "check_qemu", "write_inventory",
            "STATE_FILE", "BOOT_TIMEOUT_VAR"]
@@ -129,7 +130,7 @@ class LabFleet:
         return self.workdir / "known_hosts"
 
     # --- the state file -----------------------------------------------------------------
-    def records(self) -> List[GuestRecord]:
+    def records(self) -> list[GuestRecord]:
         """The guests `lab up` recorded here (running or not); [] when there is no state."""
         try:
             data = json.loads(self.state_path.read_text())
@@ -190,7 +191,7 @@ class LabFleet:
             note(f"{g.workdir.name}: SSH up on 127.0.0.1:{g.port} after {secs:.1f}s")
             return secs
 
-        errors: List[str] = []
+        errors: list[str] = []
         with ThreadPoolExecutor(max_workers=n) as ex:
             futures = [ex.submit(boot, g) for g in guests]
             try:
@@ -208,7 +209,7 @@ class LabFleet:
             for g in guests:
                 g.stop()
             raise LabError(errors[0] + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
-        records: List[GuestRecord] = []
+        records: list[GuestRecord] = []
         out = []
         try:
             for g in guests:
@@ -248,7 +249,7 @@ class LabFleet:
         atomic_write(self.known_hosts, "".join(f"{ln}\n" for ln in lines).encode(), mode=0o600)
 
     # --- status -----------------------------------------------------------------------------
-    def status(self, ssh_timeout: float = 15.0) -> List[dict]:
+    def status(self, ssh_timeout: float = 15.0) -> list[dict]:
         """Each recorded guest: name, pid, port, state (up: SSH answers; no-ssh: QEMU runs
         but SSH does not answer, e.g. booting or kexec'ing; stopped), release, boot_id."""
         out = []
@@ -274,7 +275,7 @@ class LabFleet:
         return out
 
     # --- down -------------------------------------------------------------------------------
-    def _stop(self, records: Sequence[GuestRecord], timeout: float = 10.0) -> List[dict]:
+    def _stop(self, records: Sequence[GuestRecord], timeout: float = 10.0) -> list[dict]:
         """Power each guest off: QMP quit, then SIGTERM, then SIGKILL; remove its overlay."""
         out = []
         for r in records:
@@ -310,7 +311,7 @@ class LabFleet:
             out.append({"name": r.name, "pid": r.pid, "stopped": how})
         return out
 
-    def down(self) -> List[dict]:
+    def down(self) -> list[dict]:
         """Power off every recorded guest, remove overlays, forget them (logs are kept)."""
         out = self._stop(self.records())
         for p in (self.state_path, self.known_hosts):

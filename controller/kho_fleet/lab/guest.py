@@ -22,18 +22,19 @@ SSH back ~12 s (the lab README measured ~30 s and 12-20 s with its own rootfs).
 
 from __future__ import annotations
 
-from ..errors import KhoFleetError
-
 import shlex
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
 from kho_agent.atomicfile import atomic_write
 from kho_fleet.lab.qemu import DumpResult, QemuConfig, QemuError, QemuVM
+
+from ..errors import KhoFleetError
 
 __all__ = ["LabGuest", "LabKey", "GuestError", "lab_key", "free_port", "GUEST_APPEND"]
 
@@ -99,7 +100,8 @@ def _tofu_policy(known_hosts: Path):
         """Record the first host key seen; any other key for this guest is rejected
         (paramiko itself raises BadHostKeyException when a known key changes)."""
 
-        def missing_host_key(self, client, hostname, key):  # type: ignore[no-untyped-def]
+        def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                             key: paramiko.PKey) -> None:
             if known_hosts.exists() and known_hosts.stat().st_size > 0:
                 raise paramiko.SSHException(
                     f"{hostname}: host key not in {known_hosts} (a different guest?)")
@@ -216,7 +218,7 @@ class LabGuest:
         self.vm = None
         return pid
 
-    def __enter__(self) -> "LabGuest":
+    def __enter__(self) -> LabGuest:
         self.start()
         return self
 
@@ -249,6 +251,8 @@ class LabGuest:
     def _connect(self, timeout: float = 10.0):  # -> paramiko.SSHClient
         import paramiko
 
+        if self.port is None:
+            raise GuestError("ssh: the guest was never booted (no forwarded SSH port yet)")
         client = paramiko.SSHClient()
         if not self.known_hosts.exists():
             self.known_hosts.touch(mode=0o600)
@@ -297,7 +301,7 @@ class LabGuest:
             time.sleep(1.0)
 
     def run(self, cmd: Union[str, Sequence[str]], *, timeout: float = 120.0,
-            stdin: Optional[bytes] = None, check: bool = False) -> Tuple[int, str, str]:
+            stdin: Optional[bytes] = None, check: bool = False) -> tuple[int, str, str]:
         """Run `cmd` (a shell string, or an argv list quoted for the shell) as root.
 
         Returns (exit status, stdout, stderr); with `check`, a non-zero status raises.
@@ -390,6 +394,6 @@ class LabGuest:
         except QemuError as e:
             raise GuestError(str(e)) from None
 
-    def lines(self, pattern: str) -> List[str]:
+    def lines(self, pattern: str) -> list[str]:
         """Serial console lines containing `pattern`."""
         return [ln for ln in self.serial_text().splitlines() if pattern in ln]

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import gzip
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Optional, Union
 
 NEWC_MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
@@ -27,7 +28,7 @@ class CpioEntry:
     name: str
     mode: int
     data: bytes = b""
-    rdev: Tuple[int, int] = (0, 0)
+    rdev: tuple[int, int] = (0, 0)
     uid: int = 0
     gid: int = 0
     mtime: int = 0
@@ -63,22 +64,22 @@ class CpioEntry:
 class Initramfs:
     """An ordered set of entries; parents must be added before their children."""
 
-    entries: List[CpioEntry] = field(default_factory=list)
+    entries: list[CpioEntry] = field(default_factory=list)
 
-    def add(self, entry: CpioEntry) -> "Initramfs":
+    def add(self, entry: CpioEntry) -> Initramfs:
         self.entries.append(entry)
         return self
 
-    def add_dir(self, name: str, mode: int = 0o755) -> "Initramfs":
+    def add_dir(self, name: str, mode: int = 0o755) -> Initramfs:
         return self.add(CpioEntry(name, stat.S_IFDIR | mode, nlink=2))
 
-    def add_file(self, name: str, data: bytes, mode: int = 0o644) -> "Initramfs":
+    def add_file(self, name: str, data: bytes, mode: int = 0o644) -> Initramfs:
         return self.add(CpioEntry(name, stat.S_IFREG | mode, data=data))
 
-    def add_symlink(self, name: str, target: str) -> "Initramfs":
+    def add_symlink(self, name: str, target: str) -> Initramfs:
         return self.add(CpioEntry(name, stat.S_IFLNK | 0o777, data=target.encode()))
 
-    def add_chardev(self, name: str, major: int, minor: int, mode: int = 0o600) -> "Initramfs":
+    def add_chardev(self, name: str, major: int, minor: int, mode: int = 0o600) -> Initramfs:
         return self.add(CpioEntry(name, stat.S_IFCHR | mode, rdev=(major, minor)))
 
     def to_bytes(self, compress: bool = False) -> bytes:
@@ -99,7 +100,7 @@ def build_init_initramfs(
     out: Union[str, Path],
     *,
     compress: bool = False,
-    extra_files: Optional[Dict[str, bytes]] = None,
+    extra_files: Optional[dict[str, bytes]] = None,
 ) -> Path:
     """Write an initramfs whose /init is `init_binary` (static), with /dev/console (5,1)."""
     ramfs = Initramfs()

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Optional, Union
 
 from kho_agent.atomicfile import atomic_open
 from kho_agent.digest import sha256_file
@@ -40,7 +40,7 @@ _UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
 
 
 def build_steps(build_dir: PathLike, fragment: PathLike,
-                jobs: int = 3) -> List[Tuple[str, List[str]]]:
+                jobs: int = 3) -> list[tuple[str, list[str]]]:
     """(name, argv) of each build step, to run in the source tree."""
     b = str(build_dir)
     return [("defconfig", ["make", f"O={b}", "defconfig"]),
@@ -51,9 +51,9 @@ def build_steps(build_dir: PathLike, fragment: PathLike,
             ("bzImage", ["make", f"O={b}", f"-j{jobs}", "bzImage"])]
 
 
-def _options(text: str) -> Dict[str, str]:
+def _options(text: str) -> dict[str, str]:
     """CONFIG_* settings of a .config or fragment ("n" for `# CONFIG_X is not set`)."""
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
         m = _OPTION.match(line)
@@ -66,7 +66,7 @@ def _options(text: str) -> Dict[str, str]:
     return out
 
 
-def missing_options(config: str, fragment: str) -> List[str]:
+def missing_options(config: str, fragment: str) -> list[str]:
     """Fragment settings the final .config does not have, as "CONFIG_X=want (got ...)"."""
     have = _options(config)
     out = []
@@ -77,7 +77,7 @@ def missing_options(config: str, fragment: str) -> List[str]:
     return out
 
 
-def _run(step: str, argv: List[str], cwd: Path, log: Path, note: Note, timeout: float) -> None:
+def _run(step: str, argv: list[str], cwd: Path, log: Path, note: Note, timeout: float) -> None:
     """Run one build step, appending its output to `log`; LabError naming the step and
     its last output line when it fails."""
     note(f"{step}: {' '.join(argv)}")

@@ -5,14 +5,14 @@ The record format is documented at the top of kho-probe.c.
 
 from __future__ import annotations
 
-from ..errors import KhoFleetError
-
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Optional, Union
+
+from ..errors import KhoFleetError
 
 PAGE_SIZE = 4096
 PATTERN_BASE = 0x4B484F0000000000
@@ -33,9 +33,9 @@ class ProbeMemfd:
     token: int
     size: int
     pages: int
-    ranges: List[Tuple[int, int]] = field(default_factory=list)
+    ranges: list[tuple[int, int]] = field(default_factory=list)
 
-    def pfns(self) -> List[int]:
+    def pfns(self) -> list[int]:
         """Every PFN in file order (page i of the memfd is pfns()[i])."""
         return [start + i for start, count in self.ranges for i in range(count)]
 
@@ -45,9 +45,9 @@ class ProbeReport:
     """Everything the probe printed before READY."""
 
     release: Optional[str]
-    memfds: List[ProbeMemfd]
+    memfds: list[ProbeMemfd]
     outfdt: bytes
-    errors: List[str]
+    errors: list[str]
 
 
 def page_word(token: int, page: int, word: int) -> int:
@@ -72,18 +72,18 @@ def compile_probe(
     return Path(out)
 
 
-def _kv(rest: str) -> Dict[str, str]:
+def _kv(rest: str) -> dict[str, str]:
     return dict(tok.split("=", 1) for tok in rest.split() if "=" in tok)
 
 
 def parse_probe_output(serial: str) -> ProbeReport:
     """Parse the serial log; ProbeError if records are missing or inconsistent."""
     release: Optional[str] = None
-    memfds: Dict[int, ProbeMemfd] = {}
-    ended: Dict[int, Tuple[int, int]] = {}
-    fdt_chunks: Dict[int, bytes] = {}
+    memfds: dict[int, ProbeMemfd] = {}
+    ended: dict[int, tuple[int, int]] = {}
+    fdt_chunks: dict[int, bytes] = {}
     fdt_len: Optional[int] = None
-    errors: List[str] = []
+    errors: list[str] = []
     for raw in serial.splitlines():
         m = _REC.search(raw)
         if not m:

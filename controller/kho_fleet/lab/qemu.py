@@ -4,8 +4,6 @@ dump guest memory over QMP (ELF, PT_LOAD p_paddr = guest physical) and shut down
 
 from __future__ import annotations
 
-from ..errors import KhoFleetError
-
 import os
 import re
 import shutil
@@ -13,11 +11,15 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, List, Optional, Pattern, Sequence, Union
+from re import Pattern
+from typing import IO, Callable, Optional, Union
 
 from kho_fleet.lab.qmp import QMPClient, QMPError
+
+from ..errors import KhoFleetError
 
 DEFAULT_APPEND = "console=ttyS0 kho=on liveupdate=on panic=-1 rdinit=/init"
 # Serial lines that mean the guest will never reach the marker.
@@ -35,7 +37,7 @@ def find_qemu(name: str = "qemu-system-x86_64") -> Optional[str]:
 
 def dump_guest_memory(qmp: QMPClient, path: Union[str, Path], *, timeout: float = 300.0,
                       resume: bool = False,
-                      alive: Optional[Callable[[], bool]] = None) -> "DumpResult":
+                      alive: Optional[Callable[[], bool]] = None) -> DumpResult:
     """Stop the guest behind `qmp` and write an ELF core of its physical memory (paging
     off, PT_LOAD p_paddr = guest physical) to `path`; QMP `cont` after it if `resume`.
 
@@ -68,9 +70,10 @@ def dump_guest_memory(qmp: QMPClient, path: Union[str, Path], *, timeout: float 
                 if status.get("status") == "completed":
                     break
                 if status.get("status") == "failed":
-                    raise QemuError(f"dump-guest-memory failed: {status}")
+                    raise QemuError(f"dump-guest-memory failed: {status}") from None
                 if time.monotonic() >= deadline:
-                    raise QemuError(f"dump-guest-memory timed out after {timeout:.0f}s: {status}")
+                    raise QemuError(
+                        f"dump-guest-memory timed out after {timeout:.0f}s: {status}") from None
         if resume:
             qmp.execute("cont")
     except QMPError as exc:
@@ -90,7 +93,7 @@ class QemuConfig:
     machine: str = "q35"
     accel: str = "tcg"
     qemu: str = "qemu-system-x86_64"
-    extra_args: List[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -109,7 +112,7 @@ class QemuVM:
     config: QemuConfig
     workdir: Path
     qmp_socket: Optional[Path] = None
-    proc: Optional["subprocess.Popen[bytes]"] = None
+    proc: Optional[subprocess.Popen[bytes]] = None
     qmp: Optional[QMPClient] = None
     started_at: float = 0.0
     new_session: bool = False  # QEMU in its own session: it outlives us (see detach())
@@ -135,7 +138,7 @@ class QemuVM:
     def stderr_path(self) -> Path:
         return self.workdir / "qemu.stderr"
 
-    def command(self) -> List[str]:
+    def command(self) -> list[str]:
         c = self.config
         cmd = [
             c.qemu,
@@ -308,7 +311,7 @@ class QemuVM:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             self._sock_dir = None
 
-    def __enter__(self) -> "QemuVM":
+    def __enter__(self) -> QemuVM:
         self.start()
         return self
 

@@ -5,15 +5,15 @@ Handles the greeting, capabilities negotiation, command/response matching by id 
 
 from __future__ import annotations
 
-from ..errors import KhoFleetError
-
 import itertools
 import json
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Optional, Union
+
+from ..errors import KhoFleetError
 
 
 class QMPError(KhoFleetError, RuntimeError):
@@ -25,7 +25,7 @@ class QMPEvent:
     """An asynchronous QMP event ({"event": ..., "data": ..., "timestamp": ...})."""
 
     name: str
-    data: Dict[str, Any]
+    data: dict[str, Any]
     timestamp: float
 
 
@@ -34,13 +34,13 @@ class QMPClient:
     """Connect with `connect()`; then `execute()` commands and `wait_event()` for events."""
 
     path: Union[str, Path]
-    greeting: Dict[str, Any] = field(default_factory=dict)
-    events: List[QMPEvent] = field(default_factory=list)
+    greeting: dict[str, Any] = field(default_factory=dict)
+    events: list[QMPEvent] = field(default_factory=list)
     _sock: Optional[socket.socket] = field(default=None, repr=False)
     _buf: bytes = field(default=b"", repr=False)
-    _ids: "itertools.count[int]" = field(default_factory=lambda: itertools.count(1), repr=False)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1), repr=False)
 
-    def connect(self, timeout: float = 10.0) -> Dict[str, Any]:
+    def connect(self, timeout: float = 10.0) -> dict[str, Any]:
         """Connect (retrying until the socket appears), read the greeting, enter command mode."""
         deadline = time.monotonic() + timeout
         last: Optional[OSError] = None
@@ -70,7 +70,7 @@ class QMPClient:
             finally:
                 self._sock = None
 
-    def __enter__(self) -> "QMPClient":
+    def __enter__(self) -> QMPClient:
         if self._sock is None:
             self.connect()
         return self
@@ -79,13 +79,13 @@ class QMPClient:
         self.close()
 
     def execute(
-        self, command: str, arguments: Optional[Dict[str, Any]] = None, timeout: float = 30.0
+        self, command: str, arguments: Optional[dict[str, Any]] = None, timeout: float = 30.0
     ) -> Any:
         """Run one command and return its "return" value; events seen meanwhile are queued."""
         if self._sock is None:
             raise QMPError("QMP client is not connected")
         cmd_id = f"kho-{next(self._ids)}"
-        req: Dict[str, Any] = {"execute": command, "id": cmd_id}
+        req: dict[str, Any] = {"execute": command, "id": cmd_id}
         if arguments:
             req["arguments"] = arguments
         try:
@@ -118,12 +118,12 @@ class QMPClient:
             if "event" in msg:
                 self._queue_event(msg)
 
-    def _queue_event(self, msg: Dict[str, Any]) -> None:
+    def _queue_event(self, msg: dict[str, Any]) -> None:
         ts = msg.get("timestamp") or {}
         stamp = float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
         self.events.append(QMPEvent(msg["event"], msg.get("data") or {}, stamp))
 
-    def _read_message(self, deadline: float, what: str = "greeting") -> Dict[str, Any]:
+    def _read_message(self, deadline: float, what: str = "greeting") -> dict[str, Any]:
         assert self._sock is not None
         while b"\n" not in self._buf:
             remaining = deadline - time.monotonic()

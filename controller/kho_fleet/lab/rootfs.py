@@ -15,8 +15,6 @@ never written. Builds take a lock in the cache dir, and results appear by atomic
 
 from __future__ import annotations
 
-from ..errors import KhoFleetError
-
 import fcntl
 import glob
 import hashlib
@@ -25,12 +23,15 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Optional, Union
 
 from kho_agent.atomicfile import atomic_open
 from kho_agent.digest import sha256_file
+
+from ..errors import KhoFleetError
 
 __all__ = ["RootfsError", "DEFAULT_PACKAGES", "DEFAULT_SUITE", "build_rootfs", "cached_rootfs",
            "find_debian_mirror", "image_key"]
@@ -71,7 +72,7 @@ def find_debian_mirror(suite: str = DEFAULT_SUITE, etc_apt: PathLike = "/etc/apt
     """The first non-security `deb` mirror of this machine's APT sources that carries `suite`
     (one-line .list and deb822 .sources files), else deb.debian.org."""
     etc = Path(etc_apt)
-    found: List[tuple] = []  # (uri, suites)
+    found: list[tuple] = []  # (uri, suites)
     lists = [etc / "sources.list"]
     lists += sorted(Path(p) for p in glob.glob(str(etc / "sources.list.d/*.list")))
     for path in lists:
@@ -125,7 +126,7 @@ def _locked(cache: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _run(step: str, argv: List[str], timeout: float, env: Optional[dict] = None) -> None:
+def _run(step: str, argv: list[str], timeout: float, env: Optional[dict] = None) -> None:
     try:
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              timeout=timeout, env=env)

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from ..inventory import Host, Inventory
 from kho_agent.kernel.twinproto import pid_alive
 
+from ..inventory import Host, Inventory
 from .twinkernel import TwinError, start_twin
 
 __all__ = ["DEFAULT_SIM_DIR", "TwinStatus", "twin_root", "twin_status", "ensure_twin",
@@ -78,7 +78,8 @@ def fleet_up(inv: Inventory, sim_dir: str = DEFAULT_SIM_DIR) -> list[TwinStatus]
     return out
 
 
-def fleet_down(inv: Inventory, sim_dir: str = DEFAULT_SIM_DIR, timeout: float = 10.0) -> list[TwinStatus]:
+def fleet_down(inv: Inventory, sim_dir: str = DEFAULT_SIM_DIR,
+               timeout: float = 10.0) -> list[TwinStatus]:
     """Power every sim host off (SIGTERM, then SIGKILL)."""
     out = []
     for h in inv.hosts.values():

@@ -34,8 +34,18 @@ from kho_agent.atomicfile import atomic_write
 
 from .kernelimage import make_kernel_image
 from .twinluo import KERNEL_DATA, Errno, InSession, LuoMixin, OutSession
-from .twinmem import (FREE, INCOMING, KERNEL, MIB, RESERVED, SCRATCH, PageCache, PhysMem,
-                      Region, page_flags)
+from .twinmem import (
+    FREE,
+    INCOMING,
+    KERNEL,
+    MIB,
+    RESERVED,
+    SCRATCH,
+    PageCache,
+    PhysMem,
+    Region,
+    page_flags,
+)
 
 __all__ = ["Errno", "KernelSpec", "Handoff", "TwinHost", "layout", "known_kho",
            "InSession", "OutSession"]
@@ -128,7 +138,7 @@ class TwinHost(LuoMixin):
     def path(self, rel: str) -> str:
         return os.path.join(self.root, rel)
 
-    def put(self, rel: str, data: "bytes | str") -> None:
+    def put(self, rel: str, data: bytes | str) -> None:
         """Atomically replace ROOT/rel (no fsync: a simulated host's files, rewritten often)."""
         atomic_write(self.path(rel), data.encode() if isinstance(data, str) else data,
                      fsync=False)

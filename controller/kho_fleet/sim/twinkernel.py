@@ -51,8 +51,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from kho_agent.kernel import twinproto as proto
 
@@ -111,7 +112,7 @@ class TwinHandle:
                                 f"(state: {st.get('state')})")
             time.sleep(0.02)
 
-    def kernel(self) -> "TwinKernel":
+    def kernel(self) -> TwinKernel:
         """A TwinKernel for this host."""
         from kho_agent.kernel.twin import TwinKernel
         return TwinKernel(self.root)
@@ -129,7 +130,7 @@ class TwinHandle:
             self._errfile.close()
             self._errfile = None
 
-    def __enter__(self) -> "TwinHandle":
+    def __enter__(self) -> TwinHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:

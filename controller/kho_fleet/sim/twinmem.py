@@ -14,8 +14,9 @@ import os
 import random
 import stat
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 __all__ = ["FREE", "RESERVED", "SCRATCH", "KERNEL", "PAGECACHE", "INCOMING", "Region",
            "PhysMem", "MIB", "CacheEntry", "PageCache", "page_flags"]
@@ -187,7 +188,7 @@ class PageCache:
     def __init__(self, mem: PhysMem, lru: int = 64) -> None:
         self.mem = mem
         self.lru = lru
-        self.entries: "OrderedDict[tuple[int, int], CacheEntry]" = OrderedDict()
+        self.entries: OrderedDict[tuple[int, int], CacheEntry] = OrderedDict()
 
     def get(self, fd: int, npages: int) -> tuple[tuple[int, int], CacheEntry]:
         """The entry of the file behind `fd`, with PFNs for at least `npages` pages."""

@@ -101,7 +101,7 @@ class Conn:
 
     kind: str
     sock: socket.socket
-    session: "OutSession | InSession | None" = None
+    session: OutSession | InSession | None = None
 
 
 class TwinServer:
@@ -264,7 +264,7 @@ class TwinServer:
             self.peers[pid] = _starttime(pid)
 
     def _hand_out(self, conn_sock: socket.socket, kind: str, reply: dict,
-                  session: "OutSession | InSession | None" = None) -> None:
+                  session: OutSession | InSession | None = None) -> None:
         """Make a kernel object fd: one socketpair end is sent, the other is ours."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.settimeout(5)              # a stalled half-message must not hang the host
@@ -340,7 +340,7 @@ class TwinServer:
             reply, out_fds = self._dispatch(conn, msg, fds)
         except Errno as e:
             reply, out_fds = proto.reply_error(e.errno, str(e)), []
-        except Exception as e:  # noqa: BLE001 - a bad request must not kill the host
+        except Exception as e:  # a bad request must not kill the host
             log.exception("request %r failed", msg.get("op"))
             reply, out_fds = proto.reply_error(errno.EIO, f"twin internal error: {e}"), []
         finally:
@@ -375,7 +375,7 @@ class TwinServer:
             if not isinstance(name, str):
                 raise Errno(errno.EINVAL, "name missing")
             if op == "create_session":
-                sess: "OutSession | InSession" = h.create_session(name)
+                sess: OutSession | InSession = h.create_session(name)
             elif op == "retrieve_session":
                 sess = h.retrieve_session(name)
             else:
@@ -548,7 +548,8 @@ class TwinServer:
         """Processes of the old kernel: peers, and holders of twin fds or known memfds."""
         out = {pid for pid, start in self.peers.items() if _starttime(pid) == start}
         assert self.host is not None
-        idents = self.host.cache.idents() | {f.ident for s in self.host.out_sessions for f in s.files}
+        idents = self.host.cache.idents() | {f.ident for s in self.host.out_sessions
+                                             for f in s.files}
         socks = {f"socket:[{ino}]" for ino in self.client_inodes}
         out |= _fd_holders(socks, idents)
         return out - self.exempt

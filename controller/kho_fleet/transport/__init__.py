@@ -7,7 +7,8 @@ kinds. `transport_for(name, hostvars)` picks one from inventory host vars.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .base import (
     DEFAULT_COMMAND_TIMEOUT,
@@ -56,7 +57,8 @@ def transport_for(name: str, hostvars: Mapping[str, object], **overrides: Any) -
     anything else ("ssh", "paramiko", unset) -> SSHTransport.from_hostvars."""
     conn = str(hostvars.get("ansible_connection") or "ssh").lower()
     if conn == "local":
-        kw: dict = {"become": str(hostvars.get("ansible_become", "")).lower() in ("1", "yes", "true")}
+        become = str(hostvars.get("ansible_become", "")).lower() in ("1", "yes", "true")
+        kw: dict = {"become": become}
         if hostvars.get("kho_root"):
             kw["root"] = str(hostvars["kho_root"])
         kw.update(overrides)

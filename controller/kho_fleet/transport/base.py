@@ -23,8 +23,6 @@ Errors are one line, name the host and the operation, and never carry secrets
 
 from __future__ import annotations
 
-from ..errors import KhoFleetError
-
 import abc
 import logging
 import os
@@ -33,10 +31,13 @@ import re
 import secrets
 import shlex
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
 from kho_agent.digest import sha256_file
+
+from ..errors import KhoFleetError
 
 __all__ = [
     "Transport",
@@ -109,7 +110,7 @@ class CommandTimeout(TransportError):
 class CommandFailed(TransportError):
     """run(..., check=True) and the command exited non-zero; `.result` holds its output."""
 
-    def __init__(self, host: str, argv: Sequence[str], result: "Result") -> None:
+    def __init__(self, host: str, argv: Sequence[str], result: Result) -> None:
         self.result = result
         self.argv = list(argv)
         tail = result.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
@@ -218,7 +219,7 @@ class Transport(abc.ABC):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.host}>"
 
-    def __enter__(self) -> "Transport":
+    def __enter__(self) -> Transport:
         self.connect()
         return self
 
@@ -286,7 +287,7 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def _exec(
         self, argv: list, env: dict, timeout: float, stdin: Optional[bytes]
-    ) -> Tuple[int, bytes, bytes]:
+    ) -> tuple[int, bytes, bytes]:
         """Run argv; return (rc, stdout, stderr). Must honour timeout (CommandTimeout)."""
 
     def boot_id(self, timeout: Optional[float] = None) -> str:

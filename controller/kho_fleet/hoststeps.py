@@ -1,0 +1,149 @@
+"""One host's lifecycle steps, carried out through its HostAccess: what every engine runs.
+
+The step table (lifecycle.py) says which step runs when; this module says what running one
+means on a host -- the agent call with the step's arguments (the pushed files), its timeout,
+waiting for the next boot, the final report -- without committing anything. The engine that
+owns the state (rollout.py with SQLite, temporal/ with a workflow's history) commits: it
+passes `commit_first`, called with the at-most-once step's state and the host's boot marker
+*before* that step is sent, and it enters a step's `to` state once `perform` returned.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from . import lifecycle
+from .artifacts import Artifacts
+from .errors import KhoFleetError
+from .hostaccess import AgentCall, HostAccess
+from .inventory import Host
+from .playbook import Playbook
+from .transport import HostUnreachable
+
+__all__ = ["HostFailed", "HostRun", "StepResult", "HostSteps", "step_timeout"]
+
+Log = Callable[[str, str], None]                 # (event, detail)
+CommitFirst = Callable[[str, str], None]         # (state, boot marker)
+
+
+class HostFailed(KhoFleetError):
+    """A step failed on the host: the phase it is reported in, why, and the agent's report
+    when the step still returned one (a failed verify)."""
+
+    def __init__(self, phase: str, reason: str, report: Optional[dict] = None) -> None:
+        super().__init__(reason)
+        self.phase = phase
+        self.report = report
+
+
+@dataclass
+class HostRun:
+    """What one drive of a host carries between its steps."""
+
+    marker: Optional[str] = None             # the boot marker before the kexec
+    values: Optional[dict[str, Any]] = None  # the agent steps' named arguments (pushed files)
+    report: Optional[dict] = None
+
+
+@dataclass
+class StepResult:
+    """A step's outcome: the fields for entering its `to` state, or -- `finished` -- the
+    host's final agent report (the handover is over: success or a failed verification)."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    finished: Optional[dict] = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+
+def step_timeout(pb: Playbook, host: Host, which: str) -> float:
+    """Seconds that bound a step of kind `which` (lifecycle.Step.timeout) on `host`."""
+    t = pb.timeouts
+    return {"step": 300.0, "kexec": t.ssh_s + 30, "verify": t.verify_s,
+            "boot": host.boot_timeout or t.boot_s}[which]
+
+
+class HostSteps:
+    """The lifecycle's steps on one connected host (`connect()` first)."""
+
+    def __init__(self, acc: HostAccess, artifacts: Artifacts, playbook: Playbook, host: Host, *,
+                 log: Optional[Log] = None, commit_first: Optional[CommitFirst] = None) -> None:
+        self.acc = acc
+        self.art = artifacts
+        self.pb = playbook
+        self.host = host
+        self._log = log or (lambda event, detail: None)
+        self._commit_first = commit_first
+
+    def connect(self) -> None:
+        """Connect and push the agent (content-addressed: once per host)."""
+        self.acc.t.connect()
+        self.acc.push_agent(self.art.agent)
+
+    def timeout(self, which: str) -> float:
+        return step_timeout(self.pb, self.host, which)
+
+    def values(self) -> dict[str, Any]:
+        """The named arguments of the lifecycle's agent steps (the files are pushed)."""
+        art, t = self.art, self.pb.target
+        return {"kernel": self.acc.push(art.kernel), "spec": self.acc.push(art.spec),
+                "initrd": self.acc.push(art.initrd) if art.initrd else None,
+                "page_size": self.host.page_size, "sha256": t.sha256, "cmdline": t.cmdline}
+
+    def agent(self, step: str, *args: str, timeout: float = 300.0) -> AgentCall:
+        """Run one agent step; HostFailed unless it exited 0 (with the agent's report when
+        the step is one whose failure still reports)."""
+        call = self.acc.agent(step, *args, timeout=timeout)
+        self._log(f"agent {step}", f"rc {call.rc} in {call.seconds:.2f}s"
+                  + (f": {call.reason}" if call.rc else ""))
+        if call.rc != 0:
+            keeps = step in lifecycle.STEP_NAMES and lifecycle.step(step).report_on_failure
+            raise HostFailed(step, call.reason, call.json if keeps else None)
+        return call
+
+    def final_report(self, verified: Optional[dict]) -> dict:
+        """The agent's handover report (`report` step), else the verify step's."""
+        return self.agent("report").json or verified or {}
+
+    def perform(self, s: lifecycle.Step, run: HostRun) -> StepResult:
+        """Carry out step `s` (HostFailed, TransportError or OSError when it fails)."""
+        if s.kind == "begin":
+            return StepResult()
+        if s.kind == "wait_back":
+            timeout = self.timeout("boot")
+            try:
+                self.acc.wait_back(run.marker, timeout)
+            except HostUnreachable:
+                raise HostFailed(s.failure_phase, f"host did not come back within {timeout:.0f}s "
+                                 "after kexec") from None
+            return StepResult({"back_at": time.time()})
+        if s.kind == "finish":
+            return StepResult(finished=self.final_report(run.report))
+        if s.args and run.values is None:
+            run.values = self.values()
+        fields: dict[str, Any] = {}
+        if s.commit_first is not None:                     # the at-most-once step: commit first
+            run.marker = self.acc.boot_marker()
+            if self._commit_first is None:
+                raise HostFailed(s.failure_phase, f"{s.name} is only sent after its state is "
+                                 "committed, and this engine commits none")
+            self._commit_first(s.commit_first, run.marker)
+            t_last = time.time()
+            fields = {"last_contact": t_last, "kexec_started_at": t_last}
+        try:
+            self.agent(s.name, *lifecycle.agent_argv(s, run.values or {}),
+                       timeout=self.timeout(s.timeout))
+        except HostUnreachable as e:
+            if not s.unreachable_ok:
+                raise
+            self._log(f"{s.name} connection dropped", str(e))
+        except HostFailed as e:
+            if s.report_on_failure and e.report is not None:
+                # the agent ran the step and found a problem: its report says which
+                return StepResult(finished=self.final_report(e.report))
+            raise
+        return StepResult(fields)

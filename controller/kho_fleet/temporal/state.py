@@ -1,0 +1,145 @@
+"""The Temporal engine's rollout state as plain rows, and a reader over them (pure, no I/O).
+
+A workflow keeps its hosts as dicts with exactly statedb.HostRow's fields and moves them
+with `transition`, which applies statedb's state machine and its timestamps (so the
+kexec_requested state can be entered once, as in SQLite). `Snapshot` turns a workflow's
+rows back into RolloutRow/StageRow/HostRow/Event and answers the reads that
+fleetreport.build_fleet_report and `kho-fleet status` make of a StateDB: the fleet report of
+either engine is built by the same code, with the same schema.
+
+>>> row = new_host("h1", 0, 10.0)
+>>> ev: list = []
+>>> transition(row, "preflight", 11.0, ev)
+>>> (row["state"], row["attempts"], ev[-1]["detail"])
+('preflight', 1, 'pending -> preflight')
+>>> try:
+...     transition(row, "verified", 12.0, ev)
+... except IllegalTransition as e:
+...     print(str(e).split(" (")[0])
+host 'h1': preflight -> verified is not allowed
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields as dc_fields
+from typing import Any, Optional
+
+from ..statedb import (
+    _CONTACT,
+    HOST_STATES,
+    TRANSITIONS,
+    Event,
+    HostRow,
+    IllegalTransition,
+    RolloutRow,
+    StageRow,
+)
+
+__all__ = ["WORKFLOW_QUEUE", "site_queue", "new_host", "transition", "log", "Snapshot",
+           "HOST_FIELDS"]
+
+WORKFLOW_QUEUE = "kho-fleet-workflows"      # the rollout workflows' own task queue
+HOST_FIELDS = tuple(f.name for f in dc_fields(HostRow))
+_SETTABLE = ("last_contact", "kexec_started_at", "back_at", "report", "error")
+
+
+def site_queue(site: str) -> str:
+    """The task queue of one site's workers: kho-fleet-<site>."""
+    return f"kho-fleet-{site}"
+
+
+def new_host(name: str, stage_idx: int, now: float) -> dict[str, Any]:
+    """A pending host row."""
+    return {"name": name, "stage_idx": stage_idx, "state": "pending", "attempts": 0,
+            "last_contact": None, "kexec_requested_at": None, "kexec_started_at": None,
+            "back_at": None, "report": None, "error": None, "updated": now}
+
+
+def log(events: list, now: float, host: Optional[str], event: str,
+        detail: Optional[str] = None) -> None:
+    """Append one event (the shape of statedb.Event, without its id)."""
+    events.append({"ts": now, "host": host, "event": event, "detail": detail})
+
+
+def transition(row: dict[str, Any], new_state: str, now: float, events: list,
+               **fields: Any) -> None:
+    """Move a host row as StateDB.transition moves a host (same checks, same stamps)."""
+    bad = set(fields) - set(_SETTABLE)
+    if bad:
+        raise TypeError(f"transition() got unknown fields {sorted(bad)}")
+    host, old = row["name"], row["state"]
+    if new_state not in TRANSITIONS.get(old, ()):
+        raise IllegalTransition(f"host {host!r}: {old} -> {new_state} is not allowed "
+                                f"(from {old}: {', '.join(sorted(TRANSITIONS[old]))})")
+    retry = old == "failed" and new_state == "preflight"
+    if row["kexec_requested_at"] is not None and (new_state == "kexec_requested" or retry):
+        raise IllegalTransition(f"host {host!r}: kexec was already requested; it is never "
+                                "requested twice (reconnect and verify instead)")
+    sets: dict[str, Any] = {"state": new_state, "updated": now}
+    if new_state == "preflight":
+        sets["attempts"] = row["attempts"] + 1
+        if retry:
+            sets["error"] = None
+    if new_state == "kexec_requested":
+        sets["kexec_requested_at"] = now
+    if new_state == "kexec_sent":
+        sets["kexec_started_at"] = now
+    if new_state == "up" and row["back_at"] is None:
+        sets["back_at"] = now
+    if new_state in _CONTACT:
+        sets["last_contact"] = now
+    sets.update(fields)
+    row.update(sets)
+    detail = f"{old} -> {new_state}"
+    if fields.get("error"):
+        detail += f": {fields['error']}"
+    log(events, now, host, "state", detail)
+
+
+def _host_row(d: dict[str, Any]) -> HostRow:
+    row: dict[str, Any] = {k: d.get(k) for k in HOST_FIELDS}
+    if isinstance(row["report"], str):
+        row["report"] = json.loads(row["report"])
+    return HostRow(**row)
+
+
+class Snapshot:
+    """A rollout's state read from plain rows: the reads fleetreport and `status` make of a
+    StateDB (rollout, stages, hosts, host, events, counts)."""
+
+    def __init__(self, rollout: dict[str, Any], stages: list[dict[str, Any]],
+                 hosts: list[dict[str, Any]], events: list[dict[str, Any]],
+                 path: str = "") -> None:
+        self.path = path
+        self._rollout = RolloutRow(path=path, **rollout)
+        self._stages = [StageRow(**s) for s in stages]
+        self._hosts = [_host_row(h) for h in hosts]
+        self._by_name = {h.name: h for h in self._hosts}
+        ordered = sorted(events, key=lambda e: e["ts"])
+        self._events = [Event(id=i + 1, **e) for i, e in enumerate(ordered)]
+
+    def rollout(self) -> RolloutRow:
+        return self._rollout
+
+    def stages(self) -> list[StageRow]:
+        return list(self._stages)
+
+    def host(self, name: str) -> HostRow:
+        return self._by_name[name]
+
+    def hosts(self, stage: Optional[int] = None, state: Optional[str] = None) -> list[HostRow]:
+        return [h for h in self._hosts if (stage is None or h.stage_idx == stage)
+                and (state is None or h.state == state)]
+
+    def events(self, host: Optional[str] = None) -> list[Event]:
+        return [e for e in self._events if host is None or e.host == host]
+
+    def counts(self, stage: Optional[int] = None) -> dict[str, int]:
+        out = dict.fromkeys(HOST_STATES, 0)
+        for h in self.hosts(stage=stage):
+            out[h.state] += 1
+        return out
+
+    def close(self) -> None:
+        """Nothing to close (the StateDB interface)."""
