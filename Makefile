@@ -13,9 +13,8 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 
 bootstrap: $(STAMP)
 
-# ruff and mypy as configured in pyproject.toml; fails on any error. Not yet a prerequisite
-# of `test` (the tree does not pass yet): when it does, make it `test: lint` and drop
-# `-m "not lint"` from pytest's addopts in pyproject.toml.
+# ruff and mypy as configured in pyproject.toml; fails on any error. `make test` runs the
+# same two checks as tests (tests/test_tooling.py, marker `lint`), with the doctests.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
@@ -30,8 +29,10 @@ bench: $(STAMP)
 	$(PY) bench/radix_walk.py
 	$(PY) bench/verify_throughput.py
 	$(PY) bench/inspect_scan.py
+	$(PY) bench/fill_pattern.py
 	$(PY) bench/agent_kexec.py 1024
 	$(PY) bench/controller_scale.py 10000 500
+	$(PY) bench/engine_scale.py 1000
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

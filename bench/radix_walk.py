@@ -1,20 +1,34 @@
 #!/usr/bin/env python3
 """Radix-tree walk throughput: pages/s for dense and sparse trees read through an ELF core.
 
-Baseline, in the same process and from the same file: merely reading every node page of
-the tree (what any walker must at least do). Prints pages/s, blocks/s and the ratio
-walk time / read time. Targets (issue 2): >= 50 M pages/s dense, >= 5 M pages/s sparse.
+Baselines, in the same process and from the same file:
+- read: merely reading every node page of the tree (what any walker must at least do);
+  printed as the ratio walk time / read time (issue 14 target: <= 20x).
+- lists: building as many [pa, order, n] lists as the walk reports blocks, with the
+  garbage collector paused as the walker does (the walk's output is one such list per
+  block, so this is its floor on trees of isolated pages).
+Issue 14 target: isolated order-0 pages >= 10 M pages/s.
+
+--agent DIR walks with the kho_agent package found in DIR instead (e.g. a checkout of an
+older version, for before/after figures on the same machine at the same load).
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import os
 import random
 import sys
 import tempfile
 import time
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "agent")]
+_ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+_ARGS.add_argument("--agent", default=os.path.join(os.path.dirname(__file__), "..", "agent"),
+                   help="directory holding the kho_agent package to measure")
+_ARGS.add_argument("--repeat", type=int, default=7, help="best of N (default 7)")
+OPTS = _ARGS.parse_args()
+sys.path[:0] = [OPTS.agent]
 
 from kho_agent.abi.encode.radix import RadixBuilder  # noqa: E402
 from kho_agent.abi.memory import SparseMemory  # noqa: E402
@@ -22,9 +36,10 @@ from kho_agent.abi.radix import geometry, walk_radix  # noqa: E402
 from kho_agent.physmem import ElfCore, write_elf_core  # noqa: E402
 
 
-def _best(fn, repeat: int = 5) -> tuple[float, object]:
+def _best(fn, repeat: int) -> tuple[float, object]:
     best, res = float("inf"), None
     for _ in range(repeat):
+        res = None                              # free the last result before timing
         t = time.perf_counter()
         res = fn()
         best = min(best, time.perf_counter() - t)
@@ -35,29 +50,37 @@ def run(name: str, build, page_size: int = 4096) -> None:
     g = geometry(page_size, "kho-v4")
     mem = SparseMemory(1 << 46, page_size)
     tree = RadixBuilder(g, mem.alloc_page)
-    build(tree)
+    build(tree, page_size)
     tree.write_to(mem.write)
     with tempfile.TemporaryDirectory() as d:
         core = os.path.join(d, "tree.core")
         write_elf_core(core, ((p, bytes(b)) for p, b in tree.nodes.items()))
         with ElfCore(core) as src:
             nodes = list(tree.nodes)
-            t_read, _ = _best(lambda: [src.read(p, page_size) for p in nodes])
-            t_walk, w = _best(lambda: walk_radix(src.read, tree.root, g))
+            t_read, _ = _best(lambda: [src.read(p, page_size) for p in nodes], OPTS.repeat)
+            t_walk, w = _best(lambda: walk_radix(src.read, tree.root, g), OPTS.repeat)
     assert w.intact, w.errors
+    n = len(w.blocks)
+    gc.disable()                                # as the walker does while it builds them
+    try:
+        t_lists, _ = _best(lambda: [[pa, 0, 1] for pa in range(1 << 40, (1 << 40) + n * 4096,
+                                                                4096)], OPTS.repeat)
+    finally:
+        gc.enable()
     pages = sum(n << int(o) for o, n in w.pages_by_order.items())
     blocks = sum(w.pages_by_order.values())
-    print(f"{name:<34} {pages:>10,} pages {blocks:>9,} blocks {w.nodes:>6} nodes | "
-          f"walk {t_walk * 1e3:8.2f} ms  {pages / t_walk / 1e6:9.1f} M pages/s  "
-          f"{blocks / t_walk / 1e6:6.2f} M blocks/s | read-only {t_read * 1e3:7.2f} ms  "
-          f"walk/read {t_walk / t_read:6.1f}x")
+    print(f"{name:<38} {pages:>10,} pages {blocks:>9,} blocks {w.nodes:>5} nodes | "
+          f"walk {t_walk * 1e3:8.2f} ms {pages / t_walk / 1e6:8.1f} M pages/s "
+          f"{blocks / t_walk / 1e6:6.2f} M blocks/s | read {t_read * 1e3:6.2f} ms "
+          f"walk/read {t_walk / t_read:6.1f}x | lists {t_lists * 1e3:6.2f} ms "
+          f"walk/lists {t_walk / t_lists:5.1f}x")
 
 
-def dense(tree: RadixBuilder) -> None:
-    tree.add_run(4 << 30, 0, 4 << 20)           # 4 M contiguous order-0 pages (16 GiB)
+def dense(tree: RadixBuilder, ps: int) -> None:
+    tree.add_run(4 << 30, 0, 4 << 20)           # 4 M contiguous order-0 pages
 
 
-def sparse_folios(tree: RadixBuilder) -> None:
+def sparse_folios(tree: RadixBuilder, ps: int) -> None:
     # 2 MiB THP folios (order 9) and 64 KiB mTHP (order 4) scattered over 4 TiB
     rng = random.Random(7)
     for _ in range(20000):
@@ -66,15 +89,25 @@ def sparse_folios(tree: RadixBuilder) -> None:
         tree.add(rng.randrange(0, 4 << 40) // size * size, order)
 
 
-def sparse_pages(tree: RadixBuilder) -> None:
-    # worst case: isolated order-0 pages, one in 64, over 32 GiB
+def sparse_pages(tree: RadixBuilder, ps: int) -> None:
+    # worst case: isolated order-0 pages, one in each aligned group of 64, over 8 M pages
     rng = random.Random(8)
     for i in range(0, 8 << 20, 64):
-        tree.add((i + rng.randrange(64)) * 4096, 0)
+        tree.add((i + rng.randrange(64)) * ps, 0)
+
+
+def random_pages(tree: RadixBuilder, ps: int) -> None:
+    # isolated order-0 pages at random (some neighbours, several per 64-bit word)
+    rng = random.Random(9)
+    for pfn in rng.sample(range(8 << 20), 1 << 17):
+        tree.add(pfn * ps, 0)
 
 
 if __name__ == "__main__":
-    print(f"python {sys.version.split()[0]}; best of 5; reader: ElfCore (mmap)")
+    print(f"python {sys.version.split()[0]}; best of {OPTS.repeat}; reader: ElfCore (mmap); "
+          f"agent: {os.path.normpath(OPTS.agent)}; load {os.getloadavg()[0]:.2f}")
     run("dense: 4M order-0 pages", dense)
     run("sparse: scattered THP/mTHP folios", sparse_folios)
     run("sparse: isolated order-0 pages", sparse_pages)
+    run("sparse: random order-0 pages", random_pages)
+    run("sparse: isolated order-0 pages, 64K", sparse_pages, 65536)

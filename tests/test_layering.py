@@ -43,7 +43,10 @@ def _sim(name: str) -> bool:
 
 
 @pytest.mark.parametrize("path", [CTRL / "rollout.py", CTRL / "lifecycle.py",
-                                  CTRL / "statedb.py", CTRL / "fleetreport.py"])
+                                  CTRL / "statedb.py", CTRL / "fleetreport.py",
+                                  CTRL / "hoststeps.py", CTRL / "temporal" / "workflow.py",
+                                  CTRL / "temporal" / "activities.py",
+                                  CTRL / "temporal" / "client.py"])
 def test_the_engine_never_imports_a_host_kind(path: Path) -> None:
     bad = sorted(m for m in imports(path) if _sim(m) or m.endswith("transport.ssh"))
     assert not bad, f"{path.name} imports {bad}"
@@ -59,9 +62,14 @@ def test_the_agent_lifecycle_never_imports_a_kernel_kind(path: Path) -> None:
 
 def test_the_engine_source_never_names_the_twin() -> None:
     """No `is_twin`, `"sim"` transport or twin env branching above the seam."""
-    text = (CTRL / "rollout.py").read_text()
+    for path in (CTRL / "rollout.py", CTRL / "hoststeps.py", CTRL / "temporal" / "workflow.py"):
+        _no_twin_words(path)
+
+
+def _no_twin_words(path: Path) -> None:
+    text = path.read_text()
     for word in ("is_twin", 'transport == "sim"', "KHO_AGENT_TWIN", "twin_root"):
-        assert word not in text, word
+        assert word not in text, f"{path.name}: {word}"
 
 
 def _optional_imports(path: Path) -> set[str]:

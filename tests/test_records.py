@@ -53,7 +53,7 @@ from kho_agent.report import (
 )
 from kho_agent.state import AgentState
 from kho_fleet.errors import InputError as FleetInputError
-from kho_fleet.fleetreport import AgentFailure, AgentOutcome, HostReport, write_host_report
+from kho_fleet.fleetreport import AgentOutcome, HostReport, write_host_report
 from kho_fleet.report_view import handover_record, render_handover
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,8 @@ def verify_sample() -> VerifyResult:
                               valid_nodes=1, errors=["reused"],
                               metadata={"previous_release": "7.2.13", "kexec_count": 1,
                                         "version": 1},
-                              matches_snapshot=False),
+                              matches_snapshot=False,
+                              fdt_source="setup_data /sys/kernel/boot_params/setup_data/1"),
         journal=journal_sample(), journal_error="journal memfd not retrieved: gone",
         results=[WorkloadResult("vm", 1, "aa", 4096, [[10, 1]], "FINISH: busy")],
         error="retrieval failed", agent_start=105.0, kernel_boot_time=103.0, t_restored=105.5,
@@ -97,7 +98,7 @@ def report_sample() -> HandoverReport:
         kexec_metadata={"previous_release": "7.2.13", "kexec_count": 1},
         radix=Radix(RadixSnapshot(4096, 1, {"0": 1}, 4096, 6, True, "/dev/mem",
                                   {"vm/1": [12]}),
-                    RadixIncoming(4096, False, 1, ["reused"], False)),
+                    RadixIncoming(4096, False, 1, ["reused"], False, "debugfs kho/in/fdt")),
         workloads=[ReportWorkload("vm", 1, 4096, "aa", "bb", True, False, "sha256 differs",
                                   "created")],
         downtime=Downtime(5.5, 3.0, 2.0, 0.5), agent_kexec_s=0.25,
@@ -255,7 +256,7 @@ def test_host_report_round_trip_and_outcome(tmp_path: Path) -> None:
     rec = HostReport.from_json(raw, rel)
     assert rec == HostReport("n1", agent, ctrl) and rec.to_json() == raw
     got = rec.outcome()
-    assert got == AgentOutcome("failed", AgentFailure("verify", "lost"), 5.5, "7.2.13",
+    assert got == AgentOutcome("failed", Failure("verify", "lost"), 5.5, "7.2.13",
                                "7.2.13-b", 0, 1)
     short = {"schema": "kho-fleet/handover-report/v1", "host": "n2", "result": "aborted",
              "failure": {"phase": "preflight", "reason": "ssh: refused"}}

@@ -1,12 +1,14 @@
-"""Typed reading of decoded JSON records: one error naming the record and the field.
+"""Typed records at the JSON edge: one error naming the record and the field.
 
-The agent's records (journal, verify result, handover report) are dataclasses; their
-`from_json()` reads each field through a `Fields` reader, which checks the JSON type and
-raises one `RecordError` (an InputError: exit 2) saying where the record came from, which
-field, what was expected and what was found ("verify.json: results[0].size: expected an
-integer, got string"). A missing field takes its default (records
-written by an older agent, or partial ones); a present one with the wrong type never
-passes. The controller passes its own InputError class as `error`. Stdlib only.
+The agent's records (journal, verify result, handover report) are dataclasses deriving
+from `JsonRecord`: `to_json()` writes their fields, `from_json()` checks each field
+against its type hint and raises one `RecordError` (an InputError: exit 2) saying where
+the record came from, which field, what was expected and what was found
+("verify.json: results[0].size: expected an integer, got string"). A missing field takes
+its default (a record written by an older agent, or a short one); a present one with the
+wrong type never passes. `Fields` does the same for code that reads a few fields of
+another module's record by hand. The controller passes its own InputError class
+(`JsonRecord.ERROR`, `Fields(error=...)`). Stdlib only, Python 3.9.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
 from .errors import InputError
 
 __all__ = ["RecordError", "Fields", "JsonRecord", "check_json", "json_key", "is_int",
-           "is_number", "kind", "runs_ok"]
+           "is_number", "kind"]
 
 T = TypeVar("T")
 
@@ -77,23 +79,13 @@ class Fields:
                              f"got {kind(v)}")
         return v
 
-    def text(self, name: str, default: str = "") -> str:
-        return str(self._get(name, lambda v: isinstance(v, str), "a string", default, False))
-
     def opt_text(self, name: str) -> Optional[str]:
         v = self._get(name, lambda v: isinstance(v, str), "a string", None, True)
         return None if v is None else str(v)
 
-    def integer(self, name: str, default: int = 0) -> int:
-        return int(self._get(name, is_int, "an integer", default, False))
-
     def opt_integer(self, name: str) -> Optional[int]:
         v = self._get(name, is_int, "an integer", None, True)
         return None if v is None else int(v)
-
-    def flag(self, name: str, default: bool = False) -> bool:
-        return bool(self._get(name, lambda v: isinstance(v, bool), "true or false", default,
-                              False))
 
     def opt_flag(self, name: str) -> Optional[bool]:
         v = self._get(name, lambda v: isinstance(v, bool), "true or false", None, True)
@@ -125,30 +117,10 @@ class Fields:
                 raise self.error(f"{self.at(name)}[{i}]: expected {want}, got {kind(x)}")
         return list(v)
 
-    def opt_runs(self, name: str) -> Optional[list[list[int]]]:
-        """PFN runs ([[pfn, count], ...]) or null."""
-        v = self._get(name, runs_ok, "a list of [pfn, count] pairs", None, True)
-        return None if v is None else [list(r) for r in v]
-
     def records(self, name: str, load: Callable[[Any, str], T]) -> list[T]:
         """A list of records, each read by `load(raw, where)` (missing or null: empty)."""
         v = self._get(name, lambda v: isinstance(v, list), "a list", [], True)
         return [load(x, f"{self.at(name)}[{i}]") for i, x in enumerate(v or [])]
-
-    def record(self, name: str, load: Callable[[Any, str], T]) -> T:
-        """A sub-record, read by `load(raw, where)`; missing: read from {} (its defaults)."""
-        return load(self.raw.get(name, {}), self.at(name))
-
-    def opt_record(self, name: str, load: Callable[[Any, str], T]) -> Optional[T]:
-        """A sub-record or null."""
-        v = self.raw.get(name)
-        return None if v is None else load(v, self.at(name))
-
-
-def runs_ok(v: Any) -> bool:
-    """PFN runs: a list of [pfn, count] integer pairs."""
-    return isinstance(v, list) and all(
-        isinstance(r, list) and len(r) == 2 and all(is_int(x) for x in r) for r in v)
 
 
 # --- records whose JSON form follows from their fields ------------------------------------
@@ -156,7 +128,7 @@ def runs_ok(v: Any) -> bool:
 R = TypeVar("R", bound="JsonRecord")
 
 
-def json_key(f: dataclasses.Field) -> str:  # type: ignore[type-arg]
+def json_key(f: dataclasses.Field[Any]) -> str:
     """A field's JSON name: metadata "json" if given (e.g. "from" for `from_`), else its name."""
     return str(f.metadata.get("json", f.name))
 

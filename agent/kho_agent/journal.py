@@ -165,6 +165,7 @@ class IncomingTree(JsonRecord):
     errors: list[str] = field(default_factory=list)
     metadata: Optional[dict[str, Any]] = None     # abi.metadata's record, or {"error": ...}
     matches_snapshot: Optional[bool] = None
+    fdt_source: Optional[str] = None   # where the incoming FDT was read (debugfs, setup_data, DT)
 
 
 @dataclass

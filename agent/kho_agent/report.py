@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 from .atomicfile import atomic_write
-from .fields import Fields, is_int
-from .journal import IncomingTree, Journal, VerifyResult
+from .fields import Fields, JsonRecord, is_int
+from .journal import IncomingTree, VerifyResult
 from .state import AgentState, write_json
 from .workload import WorkloadRecord
 
@@ -28,73 +28,47 @@ SCHEMA = "kho-fleet/handover-report/v1"
 REPORT_FILE = "report.json"
 PROM_FILE = "kho-agent.prom"
 RESULTS = ("success", "failed", "aborted", "incomplete")
+R = TypeVar("R", bound=JsonRecord)
 
 
 @dataclass
-class Failure:
+class Failure(JsonRecord):
     """Why a handover failed: the phase (state.PHASES, or the controller's) and one line."""
+
+    WHERE = "failure"
 
     phase: str
     reason: str
 
-    def to_json(self) -> dict[str, Any]:
-        return {"phase": self.phase, "reason": self.reason}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "failure") -> Failure:
-        f = Fields(raw, where)
-        return cls(phase=f.text("phase"), reason=f.text("reason"))
-
 
 @dataclass
-class KernelFrom:
+class KernelFrom(JsonRecord):
     """The kernel the handover left."""
+
+    WHERE = "kernel.from"
 
     release: Optional[str] = None
     kho_compatible: Optional[str] = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"release": self.release, "kho_compatible": self.kho_compatible}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "kernel.from") -> KernelFrom:
-        f = Fields(raw, where)
-        return cls(release=f.opt_text("release"), kho_compatible=f.opt_text("kho_compatible"))
-
 
 @dataclass
-class KernelTo:
+class KernelTo(JsonRecord):
     """The kernel the handover went to, and the image staged for it."""
+
+    WHERE = "kernel.to"
 
     release: Optional[str] = None
     kho_compatible: Optional[str] = None
     image: Optional[str] = None
     sha256: Optional[str] = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"release": self.release, "kho_compatible": self.kho_compatible,
-                "image": self.image, "sha256": self.sha256}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "kernel.to") -> KernelTo:
-        f = Fields(raw, where)
-        return cls(release=f.opt_text("release"), kho_compatible=f.opt_text("kho_compatible"),
-                   image=f.opt_text("image"), sha256=f.opt_text("sha256"))
-
 
 @dataclass
-class Kernels:
-    from_: KernelFrom = field(default_factory=KernelFrom)
+class Kernels(JsonRecord):
+    WHERE = "kernel"
+
+    from_: KernelFrom = field(default_factory=KernelFrom, metadata={"json": "from"})
     to: KernelTo = field(default_factory=KernelTo)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"from": self.from_.to_json(), "to": self.to.to_json()}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "kernel") -> Kernels:
-        f = Fields(raw, where)
-        return cls(from_=f.record("from", KernelFrom.from_json),
-                   to=f.record("to", KernelTo.from_json))
 
 
 def _runs_of_pfns(v: Any) -> bool:
@@ -102,8 +76,10 @@ def _runs_of_pfns(v: Any) -> bool:
 
 
 @dataclass
-class RadixSnapshot:
+class RadixSnapshot(JsonRecord):
     """The pre-kexec radix snapshot, summarised (the blocks counted, not listed)."""
+
+    WHERE = "radix.snapshot"
 
     root: Optional[int] = None
     blocks: int = 0
@@ -113,16 +89,6 @@ class RadixSnapshot:
     intact: Optional[bool] = None
     memory: Optional[str] = None
     workload_pfns_missing: Optional[dict[str, list[int]]] = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"root": self.root, "blocks": self.blocks, "pages_by_order": self.pages_by_order,
-                "bytes": self.bytes, "nodes": self.nodes, "intact": self.intact,
-                "memory": self.memory, "workload_pfns_missing": self.workload_pfns_missing}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "radix.snapshot") -> RadixSnapshot:
-        f = Fields(raw, where)
-        return cls(**cls._common(f), blocks=f.integer("blocks"))
 
     @classmethod
     def of_snapshot(cls, snap: dict[str, Any], where: str) -> RadixSnapshot:
@@ -146,52 +112,38 @@ class RadixSnapshot:
 
 
 @dataclass
-class RadixIncoming:
+class RadixIncoming(JsonRecord):
     """The incoming radix tree after the kexec: still intact, and the same as before?"""
+
+    WHERE = "radix.incoming"
 
     root: Optional[int] = None
     intact: bool = False
     valid_nodes: int = 0
     errors: list[str] = field(default_factory=list)
     matches_snapshot: Optional[bool] = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"root": self.root, "intact": self.intact, "valid_nodes": self.valid_nodes,
-                "errors": list(self.errors), "matches_snapshot": self.matches_snapshot}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "radix.incoming") -> RadixIncoming:
-        f = Fields(raw, where)
-        return cls(root=f.opt_integer("root"), intact=f.flag("intact"),
-                   valid_nodes=f.integer("valid_nodes"),
-                   errors=f.list_of("errors", lambda v: isinstance(v, str), "a string"),
-                   matches_snapshot=f.opt_flag("matches_snapshot"))
+    fdt_source: Optional[str] = None     # debugfs, or the boot protocol (setup_data / DT)
 
     @classmethod
     def of_incoming(cls, inc: IncomingTree) -> RadixIncoming:
         return cls(root=inc.root, intact=inc.intact, valid_nodes=inc.valid_nodes,
-                   errors=list(inc.errors), matches_snapshot=inc.matches_snapshot)
+                   errors=list(inc.errors), matches_snapshot=inc.matches_snapshot,
+                   fdt_source=inc.fdt_source)
 
 
 @dataclass
-class Radix:
+class Radix(JsonRecord):
+    WHERE = "radix"
+
     snapshot: Optional[RadixSnapshot] = None
     incoming: Optional[RadixIncoming] = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"snapshot": None if self.snapshot is None else self.snapshot.to_json(),
-                "incoming": None if self.incoming is None else self.incoming.to_json()}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "radix") -> Radix:
-        f = Fields(raw, where)
-        return cls(snapshot=f.opt_record("snapshot", RadixSnapshot.from_json),
-                   incoming=f.opt_record("incoming", RadixIncoming.from_json))
-
 
 @dataclass
-class ReportWorkload:
+class ReportWorkload(JsonRecord):
     """One workload's verdict: same bytes (sha256) in the same pages (PFNs)?"""
+
+    WHERE = "workload"
 
     session: str = ""
     token: int = 0
@@ -203,20 +155,6 @@ class ReportWorkload:
     error: Optional[str] = None
     source: str = "created"
 
-    def to_json(self) -> dict[str, Any]:
-        return {"session": self.session, "token": self.token, "size": self.size,
-                "sha256_before": self.sha256_before, "sha256_after": self.sha256_after,
-                "pfns_identical": self.pfns_identical, "verified": self.verified,
-                "error": self.error, "source": self.source}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "workload") -> ReportWorkload:
-        f = Fields(raw, where)
-        return cls(session=f.text("session"), token=f.integer("token"), size=f.integer("size"),
-                   sha256_before=f.text("sha256_before"), sha256_after=f.opt_text("sha256_after"),
-                   pfns_identical=f.flag("pfns_identical"), verified=f.flag("verified"),
-                   error=f.opt_text("error"), source=f.text("source", "created"))
-
     @classmethod
     def of_record(cls, w: WorkloadRecord) -> ReportWorkload:
         return cls(w.session, w.token, w.size, w.sha256_before, w.sha256_after,
@@ -224,46 +162,33 @@ class ReportWorkload:
 
 
 @dataclass
-class Downtime:
+class Downtime(JsonRecord):
     """The blackout (kexec -e to workloads restored) and its three spans, in seconds."""
+
+    WHERE = "downtime"
 
     blackout_s: Optional[float] = None
     kexec_to_kernel_s: Optional[float] = None
     kernel_to_agent_s: Optional[float] = None
     agent_to_restored_s: Optional[float] = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"blackout_s": self.blackout_s, "kexec_to_kernel_s": self.kexec_to_kernel_s,
-                "kernel_to_agent_s": self.kernel_to_agent_s,
-                "agent_to_restored_s": self.agent_to_restored_s}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "downtime") -> Downtime:
-        f = Fields(raw, where)
-        return cls(*(f.opt_number(k) for k in ("blackout_s", "kexec_to_kernel_s",
-                                               "kernel_to_agent_s", "agent_to_restored_s")))
-
 
 @dataclass
-class JournalSource:
+class JournalSource(JsonRecord):
     """Where the journal was read from (memfd, or the disk copy) and why not the memfd."""
 
-    from_: Optional[str] = None
+    WHERE = "journal"
+
+    from_: Optional[str] = field(default=None, metadata={"json": "from"})
     error: Optional[str] = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"from": self.from_, "error": self.error}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "journal") -> JournalSource:
-        f = Fields(raw, where)
-        return cls(from_=f.opt_text("from"), error=f.opt_text("error"))
 
 
 @dataclass
-class HandoverReport:
+class HandoverReport(JsonRecord):
     """One host's handover: the verdict, why it failed, kernels, radix tree, workloads,
     downtime (schema kho-fleet/handover-report/v1)."""
+
+    WHERE = "report"
 
     host: str
     handover_id: str
@@ -281,69 +206,37 @@ class HandoverReport:
 
     def to_json(self) -> dict[str, Any]:
         """The stable JSON form (the keys and types the controller and docs rely on)."""
-        return {
-            "schema": self.schema, "host": self.host, "handover_id": self.handover_id,
-            "result": self.result,
-            "failure": None if self.failure is None else self.failure.to_json(),
-            "phase": self.phase, "kernel": self.kernel.to_json(),
-            "kexec_metadata": self.kexec_metadata, "radix": self.radix.to_json(),
-            "workloads": [w.to_json() for w in self.workloads],
-            "downtime": self.downtime.to_json(), "agent_kexec_s": self.agent_kexec_s,
-            "journal": self.journal.to_json(),
-        }
+        out = super().to_json()
+        return {"schema": out.pop("schema"), **out}      # the schema first, as it always was
 
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "report") -> HandoverReport:
-        """A report from its JSON; RecordError naming `where` and the field on bad data."""
-        f = Fields(raw, where)
-        result = f.text("result")
-        if result not in RESULTS:
-            raise f.error(f"{f.at('result')}: expected one of {', '.join(RESULTS)}, "
-                          f"got {result!r:.40}")
-        return cls(host=f.text("host"), handover_id=f.text("handover_id"), result=result,
-                   failure=f.opt_record("failure", Failure.from_json),
-                   phase=f.text("phase", "new"), kernel=f.record("kernel", Kernels.from_json),
-                   kexec_metadata=f.opt_dict("kexec_metadata"),
-                   radix=f.record("radix", Radix.from_json),
-                   workloads=f.records("workloads", ReportWorkload.from_json),
-                   downtime=f.record("downtime", Downtime.from_json),
-                   agent_kexec_s=f.opt_number("agent_kexec_s"),
-                   journal=f.record("journal", JournalSource.from_json),
-                   schema=f.text("schema", SCHEMA))
+    def check(self, r: Fields) -> None:
+        if self.result not in RESULTS:
+            raise r.error(f"{r.at('result')}: expected one of {', '.join(RESULTS)}, "
+                          f"got {self.result!r:.40}")
 
 
 # --- building -------------------------------------------------------------------------------
 
 @dataclass
-class _Abi:
+class _Abi(JsonRecord):
     """The two fields of a preflight ABI record (running_abi, a preflight target) we read."""
 
     release: Optional[str] = None
     kho: Optional[str] = None
 
-    @classmethod
-    def read(cls, raw: Optional[dict[str, Any]], where: str) -> _Abi:
-        if raw is None:
-            return cls()
-        f = Fields(raw, where)
-        return cls(release=f.opt_text("release"), kho=f.opt_text("kho"))
-
 
 @dataclass
-class _Staged:
+class _Staged(JsonRecord):
     """The staged kernel: state.staged, or the journal's kernel_to ({kernel, sha256, target})."""
 
     kernel: Optional[str] = None
     sha256: Optional[str] = None
-    target: _Abi = field(default_factory=_Abi)
+    target: Optional[_Abi] = None
 
-    @classmethod
-    def read(cls, raw: Optional[dict[str, Any]], where: str) -> _Staged:
-        if raw is None:
-            return cls()
-        f = Fields(raw, where)
-        return cls(kernel=f.opt_text("kernel"), sha256=f.opt_text("sha256"),
-                   target=_Abi.read(f.opt_dict("target"), f.at("target")))
+
+def _read(cls: type[R], raw: Optional[dict[str, Any]], where: str) -> R:
+    """`cls` from another module's record (None: all defaults)."""
+    return cls() if raw is None else cls.from_json(raw, where)
 
 
 def _workloads(verify: VerifyResult) -> list[WorkloadRecord]:
@@ -384,27 +277,25 @@ def _span(a: Optional[float], b: Optional[float]) -> Optional[float]:
 def handover_report(verify: Optional[VerifyResult], state: AgentState,
                     host: Optional[str] = None) -> HandoverReport:
     """The report for this host's current handover (a partial one before/without verify)."""
-    jr: Optional[Journal] = verify.journal if verify is not None else None
+    v = verify if verify is not None else VerifyResult()     # not verified: nothing found
+    jr = v.journal
     stamps = jr.stamps if jr is not None else {}
-    incoming = verify.incoming if verify is not None else None
-    workloads = _workloads(verify) if verify is not None else []
+    workloads = _workloads(v)
     # the staged kernel: this agent's own record of it, else the journal's (after a kexec
     # into a kernel whose state dir started empty)
-    staged = (_Staged.read(state.staged, "state.staged") if state.staged
-              else _Staged.read(jr.kernel_to if jr is not None else None, "journal.kernel_to"))
-    running_before = (_Abi.read(state.staged.get("running"), "state.staged.running")
+    staged = (_read(_Staged, state.staged, "state: staged") if state.staged
+              else _read(_Staged, jr.kernel_to if jr is not None else None, "journal: kernel_to"))
+    running_before = (_read(_Abi, state.staged.get("running"), "state: staged.running")
                       if state.staged and state.staged.get("running")
-                      else _Abi.read(jr.kernel_from if jr is not None else None,
-                                     "journal.kernel_from"))
-    running_after = _Abi.read(verify.running if verify is not None else None, "verify.running")
+                      else _read(_Abi, jr.kernel_from if jr is not None else None,
+                                 "journal: kernel_from"))
+    target = staged.target or _Abi()
+    running_after = _read(_Abi, v.running, "verify: running")
     t_exec = stamps.get("kexec_exec") or stamps.get("kexec")
-    t_kernel = verify.kernel_boot_time if verify is not None else None
-    t_agent = verify.agent_start if verify is not None else None
-    t_restored = verify.t_restored if verify is not None else None
 
-    failure = Failure.from_json(state.failure, "state.failure") if state.failure else None
+    failure = Failure.from_json(state.failure, "state: failure") if state.failure else None
     if failure is None and verify is not None:
-        failure = _verify_failure(verify, incoming or IncomingTree(), workloads)
+        failure = _verify_failure(v, v.incoming or IncomingTree(), workloads)
     if state.aborted:
         result = "aborted"        # refused before kexec: nothing was at risk
     elif failure is not None:
@@ -422,24 +313,24 @@ def handover_report(verify: Optional[VerifyResult], state: AgentState,
         result=result, failure=failure, phase=state.phase,
         kernel=Kernels(
             KernelFrom(running_before.release, running_before.kho),
-            KernelTo(release=(verify.release if verify is not None else None)
-                     or staged.target.release,
-                     kho_compatible=running_after.kho or staged.target.kho,
+            KernelTo(release=v.release or target.release,
+                     kho_compatible=running_after.kho or target.kho,
                      image=staged.kernel, sha256=staged.sha256)),
-        kexec_metadata=incoming.metadata if incoming is not None else None,
+        kexec_metadata=v.incoming.metadata if v.incoming is not None else None,
         radix=Radix(
-            snapshot=RadixSnapshot.of_snapshot(snap, "journal.snapshot") if snap else None,
-            incoming=RadixIncoming.of_incoming(incoming) if incoming is not None else None),
+            snapshot=RadixSnapshot.of_snapshot(snap, "journal: snapshot") if snap else None,
+            incoming=(RadixIncoming.of_incoming(v.incoming) if v.incoming is not None
+                      else None)),
         workloads=[ReportWorkload.of_record(w) for w in workloads],
-        downtime=Downtime(blackout_s=_span(t_exec, t_restored),
-                          kexec_to_kernel_s=_span(t_exec, t_kernel),
-                          kernel_to_agent_s=_span(t_kernel, t_agent),
-                          agent_to_restored_s=_span(t_agent, t_restored)),
+        downtime=Downtime(blackout_s=_span(t_exec, v.t_restored),
+                          kexec_to_kernel_s=_span(t_exec, v.kernel_boot_time),
+                          kernel_to_agent_s=_span(v.kernel_boot_time, v.agent_start),
+                          agent_to_restored_s=_span(v.agent_start, v.t_restored)),
         agent_kexec_s=jr.agent_kexec_s if jr is not None else None,
         journal=JournalSource(
-            from_="memfd" if verify is not None and not verify.journal_error
+            from_="memfd" if verify is not None and not v.journal_error
             else ("disk" if jr is not None else None),
-            error=verify.journal_error if verify is not None else None),
+            error=v.journal_error),
     )
 
 

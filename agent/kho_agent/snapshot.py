@@ -9,12 +9,13 @@ and after boot reports truthfully whether the incoming tree is still intact.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from .abi.fdt import FdtError
 from .abi.kho import KhoRoot, decode_kho_fdt
 from .abi.radix import RadixWalk, geometry, walk_radix
 from .abi.versions import UnsupportedAbi
+from .errors import KhoAgentError
 from .inspect import InspectError, covered, find_kho_fdts
 from .kernel import Kernel
 from .physmem import PhysicalMemory
@@ -94,6 +95,41 @@ def take_snapshot(kernel: Kernel, workload_pfns: Optional[dict[str, list[int]]] 
     return snap
 
 
+_MAX_FDT = 1 << 20     # a KHO root or sub FDT is a few KiB; anything larger is not one
+
+
+def _incoming_fdt(kernel: Kernel) -> tuple[Optional[bytes], str]:
+    """The incoming KHO root FDT and where it came from: debugfs when the kernel has it,
+    else the address the boot protocol handed over, read through physical memory."""
+    blob = kernel.read_debugfs("kho/in/fdt")
+    if blob:
+        return blob, "debugfs kho/in/fdt"
+    try:
+        where = kernel.incoming_kho()
+    except KhoAgentError as e:
+        return None, f"unreadable boot protocol entry: {e}"
+    if where is None or not 0 < where.fdt_size <= _MAX_FDT:
+        return None, "none"
+    try:
+        with kernel.open_physmem() as mem:
+            data = mem.read(where.fdt_addr, where.fdt_size)
+    except (KhoAgentError, OSError) as e:
+        return None, f"unreadable {where.source} FDT at 0x{where.fdt_addr:x}: {e}"
+    return data, f"{where.source} {where.path} (0x{where.fdt_addr:x}, via {mem.source})"
+
+
+def _subtree_blob(kernel: Kernel, root: Any, name: str) -> Optional[bytes]:
+    """A sub-FDT the incoming root points at, read through physical memory (no debugfs)."""
+    for s in root.subtrees:
+        if s.name == name and s.size and 0 < s.size <= _MAX_FDT:
+            try:
+                with kernel.open_physmem() as mem:
+                    return bytes(mem.read(s.phys, s.size))
+            except (KhoAgentError, OSError):
+                return None
+    return None
+
+
 def read_incoming(kernel: Kernel, snapshot: Optional[dict]) -> dict:
     """After boot: the incoming KHO FDT, kexec-metadata, and the state of the old tree.
 
@@ -102,19 +138,23 @@ def read_incoming(kernel: Kernel, snapshot: Optional[dict]) -> dict:
     (not a KHO boot, or the handover FDT was refused -- e.g. an ABI mismatch).
     """
     from .abi.metadata import MetadataError, decode_metadata
-    blob = kernel.read_debugfs("kho/in/fdt")
+    blob, source = _incoming_fdt(kernel)
     if not blob:
         return {"present": False, "root": None, "intact": False, "valid_nodes": 0,
-                "errors": [("no debugfs kho/in/fdt: the new kernel did not take the handover "
-                            "(not a KHO boot, or it refused the handover FDT)")],
-                "metadata": None}
+                "errors": [("no incoming KHO FDT (neither debugfs kho/in/fdt nor the boot "
+                            "protocol's setup_data / device tree): the new kernel did not take "
+                            "the handover (not a KHO boot, or it refused the handover FDT)")]
+                + ([source] if source.startswith("unreadable") else []),
+                "metadata": None, "fdt_source": None}
     try:
         root = decode_kho_fdt(blob)
     except (FdtError, UnsupportedAbi) as e:
         return {"present": True, "root": None, "intact": False, "valid_nodes": 0,
-                "errors": [f"kho/in/fdt: {e}"], "metadata": None}
+                "errors": [f"{source}: {e}"], "metadata": None, "fdt_source": source}
     md = None
     mblob = kernel.read_debugfs("kho/in/sub_fdts/kexec-metadata")
+    if not mblob:
+        mblob = _subtree_blob(kernel, root, "kexec-metadata")
     if mblob:
         try:
             md = decode_metadata(mblob).to_json()
@@ -127,7 +167,7 @@ def read_incoming(kernel: Kernel, snapshot: Optional[dict]) -> dict:
     errors: list[str] = list(w.errors[:16])
     out = {"present": True, "compatible": root.compatible, "root": root.memory_map_root,
            "intact": w.intact, "valid_nodes": w.nodes, "errors": errors,
-           "metadata": md, "matches_snapshot": None}
+           "metadata": md, "matches_snapshot": None, "fdt_source": source}
     # A walk that "succeeds" over a reused root page (zeroed: no children) is not the old
     # tree: the tree is intact only if it still holds what was preserved -- every block
     # of the pre-kexec snapshot, or at least the blobs the incoming FDT points at.

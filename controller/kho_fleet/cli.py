@@ -6,11 +6,16 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 from kho_agent.abi.memory import MemoryReadError
 from kho_agent.inspect import InspectError, inspect_memory
 from kho_agent.physmem import open_memory
+
+if TYPE_CHECKING:
+    from .rollout import Rollout, RolloutOptions
+    from .statedb import StateDB
 
 from .errors import EXIT_INPUT, EXIT_INTERNAL, Bug, InputError, KhoFleetError
 from .sim.faults import ALL_FAULTS
@@ -133,7 +138,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump), exit code EXIT_UNUSABLE."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_UNUSABLE, f"{self.prog}: error: {message}\n")
 
 
@@ -180,7 +185,7 @@ def cmd_sim_handover(args: argparse.Namespace) -> int:
     return 0 if rep.get("result") == "success" else 1
 
 
-def _rollout_opts(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _rollout_opts(args: argparse.Namespace) -> RolloutOptions:
     from .rollout import RolloutOptions
     for option, attr in (("--rollouts-dir", "rollouts_dir"), ("--reports-dir", "reports_dir"),
                          ("--sim-dir", "sim_dir")):
@@ -212,7 +217,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return _drive(ro, args)
 
 
-def _drive(ro, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def _drive(ro: Rollout, args: argparse.Namespace) -> int:
     from .metrics import MetricsError, RolloutMetrics
     target = ro.pb.target.twin_release or os.path.basename(ro.pb.target.kernel)
     ro.metrics = RolloutMetrics(ro.id, ro.pb.name, target)
@@ -270,7 +275,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return cmd_rollout(args)
 
 
-def _open_db(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _open_db(args: argparse.Namespace) -> StateDB:
     from .statedb import StateDB, list_rollouts
     check_dir_option("--rollouts-dir", args.rollouts_dir)
     rid = args.id
@@ -367,9 +372,9 @@ def cmd_sim_fleet(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from .inventory import load_inventory
+    from .rollout import DEFAULT_SIM_DIR
     from .sim.fleet import fleet_down, fleet_up, twin_status
     from .sim.twinkernel import TwinError
-    from .rollout import DEFAULT_SIM_DIR
     args.sim_dir = args.sim_dir or DEFAULT_SIM_DIR
     check_dir_option("--sim-dir", args.sim_dir)
     inv = load_inventory(args.inventory, check_files=args.sim_command == "up")
@@ -387,7 +392,8 @@ def cmd_sim_fleet(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         for s in out:
-            print(f"{s.host:<16} {s.state:<8} {s.release or '-':<16} boots {s.boot_count or 0}  {s.root}")
+            print(f"{s.host:<16} {s.state:<8} {s.release or '-':<16} "
+                  f"boots {s.boot_count or 0}  {s.root}")
     return 0
 
 
@@ -425,6 +431,11 @@ def _engine_args(p: argparse.ArgumentParser, engine: bool = True) -> None:
                    help="the Temporal namespace (default: default)")
 
 
+def _summary_line(func: Callable[..., object]) -> str:
+    """The first line of a command function's docstring (its help text)."""
+    return (func.__doc__ or func.__name__).splitlines()[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kho-fleet", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -443,12 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print the JSON report")
     ins.set_defaults(func=cmd_inspect)
 
-    ba = sub.add_parser("build-agent", help=cmd_build_agent.__doc__.splitlines()[0])
+    ba = sub.add_parser("build-agent", help=_summary_line(cmd_build_agent))
     ba.add_argument("--out", default="build/kho-agent.pyz", metavar="PATH")
     ba.add_argument("--json", action="store_true")
     ba.set_defaults(func=cmd_build_agent)
 
-    dirs = argparse.ArgumentParser(add_help=False)
+    dirs = _Parser(add_help=False)
     dirs.add_argument("--rollouts-dir", default="rollouts", metavar="DIR",
                       help="rollout state (one SQLite file per rollout)")
     dirs.add_argument("--reports-dir", default="reports", metavar="DIR")
@@ -457,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     dirs.add_argument("--json", action="store_true")
 
     for name, func in (("rollout", cmd_rollout), ("preflight", cmd_preflight)):
-        ro = sub.add_parser(name, parents=[dirs], help=func.__doc__.splitlines()[0],
+        ro = sub.add_parser(name, parents=[dirs], help=_summary_line(func),
                             description=func.__doc__)
         ro.add_argument("--playbook", metavar="FILE")
         ro.add_argument("--inventory", metavar="FILE")
@@ -476,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "within this time (default 600)")
         ro.set_defaults(func=func)
     for name, func in (("status", cmd_status), ("report", cmd_report), ("abort", cmd_abort)):
-        sp = sub.add_parser(name, parents=[dirs], help=func.__doc__.splitlines()[0],
+        sp = sub.add_parser(name, parents=[dirs], help=_summary_line(func),
                             description=func.__doc__)
         sp.add_argument("id", nargs="?", metavar="ID", help="rollout id (default: the newest)")
         if name == "abort":
@@ -484,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         _engine_args(sp)
         sp.set_defaults(func=func)
 
-    wk = sub.add_parser("worker", help=cmd_worker.__doc__.splitlines()[0],
+    wk = sub.add_parser("worker", help=_summary_line(cmd_worker),
                         description=cmd_worker.__doc__)
     wk.add_argument("--site", default="default", metavar="NAME",
                     help="run the steps of the hosts whose kho_site is NAME")
@@ -501,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         sf = sim.add_parser(name, parents=[dirs], help=cmd_sim_fleet.__doc__)
         sf.add_argument("--inventory", default="inventory/sim.yaml", metavar="FILE")
         sf.set_defaults(func=cmd_sim_fleet)
-    sh = sim.add_parser("handover", help=cmd_sim_handover.__doc__.splitlines()[0],
+    sh = sim.add_parser("handover", help=_summary_line(cmd_sim_handover),
                         description=cmd_sim_handover.__doc__)
     sh.add_argument("--fault", metavar="NAME",
                     help=f"inject a fault ({', '.join(ALL_FAULTS)})")
@@ -551,7 +562,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as e:  # noqa: BLE001 - last resort: one line, never a traceback
+    except Exception as e:
         if os.environ.get("KHO_FLEET_DEBUG"):
             raise
         print(f"kho-fleet: internal error (a bug, please report it): {type(e).__name__}: "

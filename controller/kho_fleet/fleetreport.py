@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from kho_agent.atomicfile import atomic_write
-from kho_agent.fields import Fields
+from kho_agent.fields import Fields, JsonRecord
+from kho_agent.report import Failure
 
 from .errors import InputError
 from .metrics import DOWNTIME_BUCKETS, handover_downtime
 from .statedb import HostRow, StateDB
 
 __all__ = ["SCHEMA", "percentile", "downtime_summary", "host_report_path", "controller_timings",
-           "AgentFailure", "AgentOutcome", "HostReport", "FleetHost",
+           "AgentOutcome", "HostReport", "FleetHost",
            "write_host_report", "build_fleet_report", "render_markdown", "render_html",
            "write_fleet_report"]
 
@@ -77,24 +78,13 @@ def _fields(raw: Any, where: str) -> Fields:
 
 
 @dataclass
-class AgentFailure:
-    """Why a host failed, as the fleet report shows it: a phase and one line."""
-
-    phase: str
-    reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"phase": self.phase, "reason": self.reason}
-
-
-@dataclass
 class AgentOutcome:
     """What the fleet report reads of one handover report (kho-fleet/handover-report/v1):
     an agent's, or the short one the controller writes for a host that failed before its
     agent reported. Missing fields are None; a field of the wrong type is an InputError."""
 
     result: Optional[str] = None
-    failure: Optional[AgentFailure] = None
+    failure: Optional[Failure] = None
     blackout_s: Optional[float] = None
     kernel_from: Optional[str] = None
     kernel_to: Optional[str] = None
@@ -108,7 +98,7 @@ class AgentOutcome:
         fr = f.opt_dict("failure")
         if fr:
             ff = _fields(fr, f.at("failure"))
-            fail = AgentFailure(ff.opt_text("phase") or "agent", ff.opt_text("reason") or "")
+            fail = Failure(ff.opt_text("phase") or "agent", ff.opt_text("reason") or "")
         down = f.opt_dict("downtime")
         kernel = f.opt_dict("kernel")
         kf = _fields(kernel or {}, f.at("kernel"))
@@ -122,10 +112,13 @@ class AgentOutcome:
 
 
 @dataclass
-class HostReport:
+class HostReport(JsonRecord):
     """hosts/<host>.json: the host's handover report, kept as it was written (the agent's
     schema is the agent's), and what the controller saw (controller_timings or the
-    engine's own timings)."""
+    engine's own timings). `from_json` also checks what `outcome()` reads of the report."""
+
+    ERROR = InputError
+    WHERE = "host report"
 
     host: str
     agent: Optional[dict[str, Any]] = None
@@ -136,18 +129,9 @@ class HostReport:
         return None if self.agent is None else AgentOutcome.from_json(
             self.agent, f"host {self.host}: report")
 
-    def to_json(self) -> dict[str, Any]:
-        return {"host": self.host, "agent": self.agent, "controller": self.controller}
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str = "host report") -> HostReport:
-        """A host report from its JSON; InputError naming `where` and the field."""
-        f = _fields(raw, where)
-        out = cls(host=f.text("host"), agent=f.opt_dict("agent"),
-                  controller=f.opt_dict("controller") or {})
-        if out.agent is not None:
-            AgentOutcome.from_json(out.agent, f.at("agent"))
-        return out
+    def check(self, r: Fields) -> None:
+        if self.agent is not None:
+            AgentOutcome.from_json(self.agent, r.at("agent"))
 
 
 @dataclass
@@ -158,7 +142,7 @@ class FleetHost:
     stage: str
     state: str
     result: Optional[str] = None
-    failure: Optional[AgentFailure] = None
+    failure: Optional[Failure] = None
     downtime_s: Optional[float] = None        # the controller's measurement
     blackout_s: Optional[float] = None        # the agent's
     kernel_from: Optional[str] = None
@@ -219,7 +203,7 @@ def _result(row: HostRow, rep: AgentOutcome) -> Optional[str]:
     return rep.result
 
 
-def _failure(db: StateDB, row: HostRow, rep: AgentOutcome) -> Optional[AgentFailure]:
+def _failure(db: StateDB, row: HostRow, rep: AgentOutcome) -> Optional[Failure]:
     if rep.failure is not None:
         return rep.failure
     if row.state != "failed":
@@ -229,7 +213,7 @@ def _failure(db: StateDB, row: HostRow, rep: AgentOutcome) -> Optional[AgentFail
         if ev.event == "state" and ev.detail and " -> failed" in ev.detail:
             phase = ev.detail.split(" -> ", 1)[0]
             break
-    return AgentFailure(phase, row.error or "unknown")
+    return Failure(phase, row.error or "unknown")
 
 
 def _host(db: StateDB, row: HostRow, stage: str) -> FleetHost:

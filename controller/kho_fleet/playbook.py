@@ -54,15 +54,8 @@ from kho_agent.digest import sha256_file
 from kho_agent.workload import SpecError, WorkloadSpec, parse_spec
 
 from .errors import InputError
-from .inventory import (
-    MAX_HOSTS,
-    MAX_SECONDS,
-    Inventory,
-    InventoryError,
-    YamlDoc,
-    load_yaml,
-    one_line,
-)
+from .inventory import MAX_HOSTS, MAX_SECONDS, Inventory, InventoryError
+from .yamldoc import YamlDoc, load_yaml, one_line
 
 __all__ = ["PlaybookError", "Target", "Gate", "Stage", "Timeouts", "Playbook", "load_playbook",
            "TWIN_SCHEME", "ON_FAILURE"]

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import gc
 import struct
+from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import add, and_, neg, sub, xor
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from .memory import MemoryReadError, Reader
 from .versions import kho_abi, page_shift
@@ -197,8 +199,9 @@ def _leaf_blocks(leaf: bytes, base: int = 0, shift: int = 0, order: int = 0
     Word by word, never bit by bit: with the bitmap as one int x, x & (x >> 1) == 0 means
     every run is one bit (isolated blocks); if moreover every non-zero 64-bit word holds
     one bit (popcount == non-zero words), a word's bit is its bit_length and each list is
-    built in one pass. Otherwise the run starts x & ~(x << 1) and ends x & ~(x >> 1) are
-    located with _set_bits.
+    built in one pass. A few adjacent pairs are joined after the fact; otherwise the run
+    starts x & ~(x << 1) and ends x & ~(x >> 1) are located with _set_bits. Leaves with
+    at most _FEW_BITS bits take a short Python loop over their non-zero words.
     """
     nbytes = len(leaf)
     zeros, ones = _constant_pages(nbytes)
@@ -228,7 +231,7 @@ def _leaf_blocks(leaf: bytes, base: int = 0, shift: int = 0, order: int = 0
         return out, nbits
     if not v & (v >> 1):                      # isolated bits
         nz = list(compress(words, words))
-        if _popcount(v) == len(nz):           # one bit per non-zero word
+        if nbits == len(nz):                  # one bit per non-zero word
             wstep = 64 << shift
             first = base - (1 << shift)       # bit_length is the bit's index + 1
             bl = _BIT_LENGTH
@@ -238,6 +241,15 @@ def _leaf_blocks(leaf: bytes, base: int = 0, shift: int = 0, order: int = 0
         else:
             out = [[base + (b << shift), order, 1] for b in _set_bits(words, 0, nbits)]
         return out, len(out)
+    adjacent = v & (v >> 1)                   # bit i: bits i and i+1 are both set
+    if _popcount(adjacent) <= _FEW_BITS:      # mostly isolated: join the few neighbours
+        bits = _set_bits(words, 0, nbits)
+        out = [[base + (b << shift), order, 1] for b in bits]
+        for b in reversed(_set_bits(unpack(adjacent.to_bytes(nbytes, "little")))):
+            i = bisect_left(bits, b)          # descending: later entries already joined
+            out[i][2] += out[i + 1][2]
+            del out[i + 1]
+        return out, nbits
     starts = v & ~(v << 1)
     nruns = _popcount(starts)
     firsts = _set_bits(unpack(starts.to_bytes(nbytes, "little")), 0, nruns)
@@ -387,9 +399,9 @@ def _walk_leaf(page: bytes, prefix: int, g: RadixGeometry, emit: _Emitter,
     # separates them) and are taken as they are
     first = runs[0]
     size = g.page_size << order
-    last = w.blocks[-1] if w.blocks else None
-    if last is not None and last[1] == order and last[0] + last[2] * size == first[0]:
-        last[2] += first[2]
+    prev = w.blocks[-1] if w.blocks else None
+    if prev is not None and prev[1] == order and prev[0] + prev[2] * size == first[0]:
+        prev[2] += first[2]
         del runs[0]
     w.blocks += runs
     w.pages_by_order[order] = w.pages_by_order.get(order, 0) + total

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Optional
 
+from ..bootproto import IncomingKho
 from ..errors import KhoAgentError
 from ..physmem import PhysicalMemory
 
@@ -145,6 +146,11 @@ class Kernel(ABC):
     def list_debugfs(self, rel: str) -> list[str]:
         """Names in debugfs directory `rel` ([] if absent)."""
         return []
+
+    def incoming_kho(self) -> Optional[IncomingKho]:
+        """Where the boot protocol put the incoming KHO FDT (x86 setup_data, arm64
+        /chosen), for kernels without KHO debugfs; None when this boot has none."""
+        return None
 
     # --- live update and memory ---------------------------------------------------------
     @abstractmethod

@@ -37,6 +37,7 @@ import sys
 import time
 from typing import Optional
 
+from ..bootproto import IncomingKho, incoming_kho
 from ..physmem import PhysicalMemory, PhysMemError, open_live_memory
 from . import uapi
 from .base import Kernel, KernelError, LiveUpdate, LiveUpdateError, Session
@@ -330,6 +331,9 @@ class LinuxKernel(Kernel):
             }.get(err, "")
             raise LiveUpdateError(err, f"open {path}", why) from None
         return LinuxLiveUpdate(fd, path)
+
+    def incoming_kho(self) -> Optional[IncomingKho]:
+        return incoming_kho("/")
 
     def open_physmem(self) -> PhysicalMemory:
         try:
