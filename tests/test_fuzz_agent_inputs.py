@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twinsupport import running_twin
 
 from kho_agent.cli import main
 
@@ -166,15 +167,9 @@ def test_mutated_state_file_subprocess(scratch: str, data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def twin_root() -> Iterator[str]:
-    from kho_fleet.sim.twinkernel import start_twin
-    d = tempfile.mkdtemp(prefix="twin-", dir="/tmp")          # AF_UNIX paths are short
-    root = os.path.join(d, "host")
-    h = start_twin(root, boot_delay=0.05, ram_mib=128)
-    try:
+    """A running twin host's root (128 MiB RAM, short boot delay); stopped after."""
+    with running_twin() as root:
         yield root
-    finally:
-        h.stop()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @SETTINGS

@@ -17,23 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from diskstate import snapshot as _tree
 from test_rollout import cli, inventory, playbook, twin_state
 
 from kho_fleet.rollout import Rollout, RolloutError, RolloutOptions
 from kho_fleet.statedb import StateDB
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    """Every file under root with its bytes (directories as b'<dir>')."""
-    out: dict[str, bytes] = {}
-    for dirpath, dirs, files in os.walk(root):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = b"<dir>"
-        for f in files:
-            p = os.path.join(dirpath, f)
-            if os.path.isfile(p):
-                out[os.path.relpath(p, root)] = Path(p).read_bytes()
-    return out
 
 
 def _state(db: StateDB) -> tuple:

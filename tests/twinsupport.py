@@ -6,17 +6,21 @@ the test process itself is the twin's "outside" process and is never killed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from typing import Optional
 
 from kho_fleet.sim.kernelimage import make_kernel_image
-from kho_fleet.sim.twinkernel import TwinHandle
+from kho_fleet.sim.twinkernel import TwinHandle, start_twin
 
 BOOT_DELAY = 0.05
 RELEASE = "7.2.13-twin"
@@ -111,3 +115,17 @@ def kexec(h: TwinHandle, kernel_image: str, cmdline: Optional[str] = None,
     k.kexec_load(kernel_image, None, cmdline if cmdline is not None else k.cmdline())
     k.kexec_exec(delay=0)
     return h.wait_ready(timeout, boot_count=boots + 1)
+
+
+@contextlib.contextmanager
+def running_twin(ram_mib: int = 128, boot_delay: float = BOOT_DELAY) -> Iterator[str]:
+    """A twin host started under a short /tmp root (AF_UNIX paths are limited to 107 bytes);
+    yields its root, stops it and removes it afterwards."""
+    d = tempfile.mkdtemp(prefix="twin-", dir="/tmp")
+    root = os.path.join(d, "host")
+    h = start_twin(root, boot_delay=boot_delay, ram_mib=ram_mib)
+    try:
+        yield root
+    finally:
+        h.stop()
+        shutil.rmtree(d, ignore_errors=True)

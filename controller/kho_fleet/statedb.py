@@ -35,7 +35,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -46,7 +46,7 @@ from .errors import Bug, InputError
 
 __all__ = ["StateError", "IllegalTransition", "HOST_STATES", "HAPPY_PATH", "ROLLOUT_STATUSES",
            "STAGE_STATUSES", "FINAL_STATUSES", "TRANSITIONS", "RolloutRow", "StageRow", "HostRow",
-           "Event", "StateDB", "list_rollouts", "DB_NAME"]
+           "Event", "StateDB", "list_rollouts", "DB_NAME", "entering"]
 
 DB_NAME = "state.db"
 SCHEMA_VERSION = 2          # 2: rollout.options (the mode and every option that changes hosts)
@@ -430,27 +430,7 @@ class StateDB:
             if r is None:
                 raise StateError(f"host {host!r} is not in rollout {self.rollout_id}")
             old = r["state"]
-            if new_state not in TRANSITIONS[old]:
-                raise IllegalTransition(f"host {host!r}: {old} -> {new_state} is not allowed "
-                                        f"(from {old}: {', '.join(sorted(TRANSITIONS[old]))})")
-            retry = old == "failed" and new_state == "preflight"
-            if r["kexec_requested_at"] is not None and (new_state == "kexec_requested" or retry):
-                raise IllegalTransition(f"host {host!r}: kexec was already requested at "
-                                        f"{r['kexec_requested_at']:.3f}; it is never requested "
-                                        "twice (reconnect and verify instead)")
-            sets: dict[str, Any] = {"state": new_state, "updated": now}
-            if new_state == "preflight":
-                sets["attempts"] = r["attempts"] + 1
-                if retry:
-                    sets["error"] = None
-            if new_state == "kexec_requested":
-                sets["kexec_requested_at"] = now
-            if new_state == "kexec_sent":
-                sets["kexec_started_at"] = now
-            if new_state == "up" and r["back_at"] is None:
-                sets["back_at"] = now
-            if new_state in _CONTACT:
-                sets["last_contact"] = now
+            sets = entering(r, new_state, now)
             for k, v in fields.items():
                 sets[k] = json.dumps(v) if k == "report" and v is not None else v
             cols = ", ".join(f"{k} = ?" for k in sets)
@@ -514,6 +494,40 @@ class StateDB:
         else:
             rows = self._conn().execute("SELECT * FROM event WHERE host = ? ORDER BY id", (host,))
         return [Event(**dict(r)) for r in rows]
+
+
+def entering(row: Mapping[str, Any], new_state: str, now: float) -> dict[str, Any]:
+    """The column values a host row takes on entering `new_state` at `now` (pure).
+
+    The one place the host state machine is enforced, for every engine: IllegalTransition
+    when the machine does not allow the move, or when it would request a kexec a second time
+    (also through a `failed -> preflight` retry). Entering kexec_requested stamps
+    kexec_requested_at, kexec_sent kexec_started_at, up back_at; preflight counts an attempt;
+    states that mean contact stamp last_contact.
+    """
+    host, old = row["name"], row["state"]
+    if new_state not in TRANSITIONS.get(old, frozenset()):
+        raise IllegalTransition(f"host {host!r}: {old} -> {new_state} is not allowed "
+                                f"(from {old}: {', '.join(sorted(TRANSITIONS[old]))})")
+    retry = old == "failed" and new_state == "preflight"
+    if row["kexec_requested_at"] is not None and (new_state == "kexec_requested" or retry):
+        raise IllegalTransition(f"host {host!r}: kexec was already requested at "
+                                f"{row['kexec_requested_at']:.3f}; it is never requested "
+                                "twice (reconnect and verify instead)")
+    sets: dict[str, Any] = {"state": new_state, "updated": now}
+    if new_state == "preflight":
+        sets["attempts"] = row["attempts"] + 1
+        if retry:
+            sets["error"] = None
+    if new_state == "kexec_requested":
+        sets["kexec_requested_at"] = now
+    if new_state == "kexec_sent":
+        sets["kexec_started_at"] = now
+    if new_state == "up" and row["back_at"] is None:
+        sets["back_at"] = now
+    if new_state in _CONTACT:
+        sets["last_contact"] = now
+    return sets
 
 
 class _Txn:

@@ -12,6 +12,7 @@ either engine is built by the same code, with the same schema.
 >>> transition(row, "preflight", 11.0, ev)
 >>> (row["state"], row["attempts"], ev[-1]["detail"])
 ('preflight', 1, 'pending -> preflight')
+>>> from kho_fleet.statedb import IllegalTransition
 >>> try:
 ...     transition(row, "verified", 12.0, ev)
 ... except IllegalTransition as e:
@@ -25,16 +26,7 @@ import json
 from dataclasses import fields as dc_fields
 from typing import Any, Optional
 
-from ..statedb import (
-    _CONTACT,
-    HOST_STATES,
-    TRANSITIONS,
-    Event,
-    HostRow,
-    IllegalTransition,
-    RolloutRow,
-    StageRow,
-)
+from ..statedb import HOST_STATES, Event, HostRow, RolloutRow, StageRow, entering
 
 __all__ = ["WORKFLOW_QUEUE", "site_queue", "new_host", "transition", "log", "Snapshot",
            "HOST_FIELDS"]
@@ -69,26 +61,7 @@ def transition(row: dict[str, Any], new_state: str, now: float, events: list,
     if bad:
         raise TypeError(f"transition() got unknown fields {sorted(bad)}")
     host, old = row["name"], row["state"]
-    if new_state not in TRANSITIONS.get(old, ()):
-        raise IllegalTransition(f"host {host!r}: {old} -> {new_state} is not allowed "
-                                f"(from {old}: {', '.join(sorted(TRANSITIONS[old]))})")
-    retry = old == "failed" and new_state == "preflight"
-    if row["kexec_requested_at"] is not None and (new_state == "kexec_requested" or retry):
-        raise IllegalTransition(f"host {host!r}: kexec was already requested; it is never "
-                                "requested twice (reconnect and verify instead)")
-    sets: dict[str, Any] = {"state": new_state, "updated": now}
-    if new_state == "preflight":
-        sets["attempts"] = row["attempts"] + 1
-        if retry:
-            sets["error"] = None
-    if new_state == "kexec_requested":
-        sets["kexec_requested_at"] = now
-    if new_state == "kexec_sent":
-        sets["kexec_started_at"] = now
-    if new_state == "up" and row["back_at"] is None:
-        sets["back_at"] = now
-    if new_state in _CONTACT:
-        sets["last_contact"] = now
+    sets = entering(row, new_state, now)
     sets.update(fields)
     row.update(sets)
     detail = f"{old} -> {new_state}"
