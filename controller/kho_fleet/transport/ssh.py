@@ -44,6 +44,7 @@ from paramiko.message import Message
 from kho_agent.atomicfile import atomic_open
 
 from .base import (
+    CommandFailed,
     CommandTimeout,
     HostKeyError,
     HostUnreachable,
@@ -746,8 +747,9 @@ def wait_for_ssh(
 
     Each attempt builds a fresh transport with `transport_factory()`, connects, runs
     `true` (or, with `previous_boot_id`, reads boot_id and insists it CHANGED, so the old
-    kernel still answering before kexec does not count), and closes it. Only
-    HostUnreachable is retried; host-key and auth errors are raised at once. Raises
+    kernel still answering before kexec does not count), and closes it. HostUnreachable and
+    a command channel that does not open yet (a host still booting) are retried; host-key,
+    auth and config errors are raised at once. Raises
     HostUnreachable after `timeout` seconds::
 
         bid = t.boot_id()
@@ -775,6 +777,13 @@ def wait_for_ssh(
             last = "still running the previous boot"
         except HostUnreachable as e:
             last = e.detail
+        except TransportError as e:
+            # Connected and authenticated, but no session yet ("Timeout opening channel"):
+            # a host still booting (seen on a lab guest under TCG right after a kexec). Keep
+            # polling; host-key and connect (auth, config) errors are still raised at once.
+            if isinstance(e, (HostKeyError, CommandFailed)) or e.op != "run":
+                raise
+            last = f"{e.op}: {e.detail}"
         finally:
             t.close()
         if time.monotonic() + interval >= deadline:
