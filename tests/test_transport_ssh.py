@@ -382,6 +382,33 @@ def test_wait_for_ssh(ssh_lab, lone_sshd):
     assert wait_for_ssh(factory, timeout=5, previous_boot_id="not-" + bid) < 5
 
 
+def test_wait_for_ssh_polls_a_host_that_cannot_open_sessions_yet(ssh_lab, lone_sshd):
+    """A host still booting after kexec may accept SSH (key, auth) before it can open a
+    session: seen on a lab guest ("Timeout opening channel"). That is polled again, not a
+    failure; here sshd refuses every session (MaxSessions 0) until it is restarted normally."""
+    s, kh = lone_sshd
+    normal = s.config.read_text()
+    s.stop()
+    s.config.write_text(normal.replace("MaxSessions 100", "MaxSessions 0"))
+    s.start()
+    factory = lambda: _ssh(ssh_lab, port=s.port, known_hosts=str(kh), connect_timeout=2.0)  # noqa: E731
+    with pytest.raises(HostUnreachable) as ei:       # never opens a session: times out
+        wait_for_ssh(factory, timeout=2.0, interval=0.2, previous_boot_id="old")
+    assert "run:" in str(ei.value), ei.value
+
+    def boot_completes() -> None:
+        s.stop()
+        s.config.write_text(normal)
+        s.start()
+    fixer = threading.Timer(1.5, boot_completes)
+    fixer.start()
+    try:
+        took = wait_for_ssh(factory, timeout=20, interval=0.2, previous_boot_id="old")
+    finally:
+        fixer.join()
+    assert took >= 1.0
+
+
 def test_become_as_root_needs_no_sudo(ssh_lab):
     if ssh_lab.user != "root":
         pytest.skip("needs to run as root")
