@@ -39,7 +39,10 @@ def _state_db(tmp: Path) -> StateDB:
 
 
 def _two_stage_dry_run(sim: Path) -> tuple[Path, Path]:
-    inv = inventory(sim, {"c1": None, "r1": None, "r2": None})
+    # the second stage's twins take 10 s to power on, so a Ctrl-C sent once the canary
+    # stage has passed lands while that stage runs (a dry run does not pause between stages)
+    inv = inventory(sim, {"c1": None, "r1": {"kho_sim_boot_delay": 10},
+                          "r2": {"kho_sim_boot_delay": 10}})
     pb = playbook(sim, [{"name": "canary", "hosts": 1, "pause": 60},
                         {"name": "rest", "hosts": "rest", "max_parallel": 2}])
     return inv, pb
@@ -56,7 +59,7 @@ def test_interrupted_dry_run_resumes_as_a_dry_run(sim: Path) -> None:
                             cwd=sim, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:       # wait for the canary stage to pass (then: pause)
+        while time.monotonic() < deadline:       # wait for the canary stage to pass
             if (sim / "rollouts").is_dir() and os.listdir(sim / "rollouts"):
                 try:
                     stages = _state_db(sim).stages()
@@ -67,7 +70,7 @@ def test_interrupted_dry_run_resumes_as_a_dry_run(sim: Path) -> None:
             time.sleep(0.2)
         else:
             pytest.fail("the canary stage of the dry run never passed")
-        proc.send_signal(signal.SIGINT)          # Ctrl-C during the pause
+        proc.send_signal(signal.SIGINT)          # Ctrl-C during the second stage
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
