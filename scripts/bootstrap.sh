@@ -10,9 +10,11 @@ PYTHON=${PYTHON:-python3}
 # gcc's static libc (the lab test's init), openssh-server (SSH integration tests),
 # debootstrap + e2fsprogs + qemu-utils (the lab guests' root filesystem and overlays);
 # prometheus (server + promtool), prometheus-node-exporter, prometheus-pushgateway and
-# systemd (systemd-analyze) for the operations kit's tests (tests/test_ops_*.py).
-debs=(swig python3-dev qemu-system-x86 qemu-utils libc6-dev gcc openssh-server openssh-client
-      debootstrap e2fsprogs prometheus-pushgateway prometheus prometheus-node-exporter systemd)
+# systemd (systemd-analyze) for the operations kit's tests (tests/test_ops_*.py);
+# qemu-system-arm (the arm64 lab), chromium + fonts-dejavu-core (the host page's rendering test).
+debs=(swig python3-dev qemu-system-x86 qemu-system-arm qemu-utils libc6-dev gcc openssh-server
+      openssh-client debootstrap e2fsprogs prometheus-pushgateway prometheus
+      prometheus-node-exporter systemd chromium fonts-dejavu-core)
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${debs[@]}"; do
