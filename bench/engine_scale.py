@@ -13,7 +13,11 @@ whose CPU was closest to the wall time it had, on this machine's cores).
 Targets (issue 15): worker CPU <= 10 ms per host; 10,000 hosts in under 10 minutes.
 
     python bench/engine_scale.py [HOSTS] [MAX_PARALLEL] [WORKERS,...]
-    python bench/engine_scale.py 1000 500 1,2,4
+    python bench/engine_scale.py 10000 500 1,2,4
+
+KHO_BENCH_SANDBOX=1 runs the workers' workflow code in the SDK's sandbox (the default of
+the SDK, not of `kho-fleet worker`); KHO_BENCH_PROFILE=PATH writes each worker's cProfile
+to PATH.<pid>.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ def _cpu(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / tick
 
 
+def _load() -> str:
+    """The machine's 1/5/15-minute load averages (other jobs share it)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 # --- worker mode: a `kho-fleet worker` whose hosts are instant --------------------------------
 
 def worker_main(address: str, work_dir: str) -> None:
@@ -56,7 +65,7 @@ def worker_main(address: str, work_dir: str) -> None:
         prof.enable()
     asyncio.run(run_worker(TemporalTarget(address=address), "default", work_dir,
                            max_concurrent=64,
-                           sandboxed=os.environ.get("KHO_BENCH_SANDBOX", "1") == "1"))
+                           sandboxed=os.environ.get("KHO_BENCH_SANDBOX") == "1"))
     if prof is not None:
         prof.disable()
         prof.dump_stats(os.environ["KHO_BENCH_PROFILE"] + f".{os.getpid()}")
@@ -109,11 +118,13 @@ def temporal(d: str, inv: str, pb: str, n: int, workers: int, address: str,
         result = await client.get_workflow_handle(rid).result()
         t_done = time.perf_counter()
         snap, _ = await tc.snapshot(target, rid)
+        t_read = time.perf_counter()
         fleet = tc.write_reports(snap, os.path.join(d, "treports"))
-        return {"result": result, "fleet": fleet, "t_done": t_done}
+        return {"result": result, "fleet": fleet, "t_done": t_done, "t_read": t_read}
     out = asyncio.run(go())
     wall = out["t_done"] - t0
     report_s = time.perf_counter() - out["t_done"]
+    read_s = out["t_read"] - out["t_done"]
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     w1 = [_cpu(p.pid) for p in procs]
     s1 = _cpu(server_pid)
@@ -127,7 +138,7 @@ def temporal(d: str, inv: str, pb: str, n: int, workers: int, address: str,
     fleet = out["fleet"]
     assert fleet["rollout"]["status"] == "completed", fleet["rollout"]
     ok = sum(1 for h in fleet["hosts"] if h["state"] == "reported")
-    return {"wall": wall, "report_s": report_s, "ok": ok,
+    return {"wall": wall, "report_s": report_s, "read_s": read_s, "ok": ok,
             "worker_cpu": sum(b - a for a, b in zip(w0, w1)),
             "server_cpu": s1 - s0,
             "client_cpu": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)}
@@ -143,7 +154,8 @@ def main(n: int, parallel: int, worker_counts: list[int]) -> None:
         from controller_scale import write_inputs
         inv, pb = write_inputs(d, n, parallel)
         e = embedded(d, inv, pb, n)
-        print(f"{n} instant hosts, max_parallel {parallel}, {cores} cores")
+        print(f"{n} instant hosts, max_parallel {parallel}, {cores} cores; load average "
+              f"{_load()} before")
         print(f"  embedded: {e['wall']:.1f}s wall, {n / e['wall']:.0f} hosts/s, "
               f"controller CPU {e['cpu'] / n * 1e3:.2f} ms per host")
         for w in worker_counts:
@@ -157,12 +169,13 @@ def main(n: int, parallel: int, worker_counts: list[int]) -> None:
             limit = max(share, key=lambda k: share[k])
             busy = sum(share.values()) / (t["wall"] * cores)
             print(f"  temporal, {w} worker process(es): {t['wall']:.1f}s wall, "
-                  f"{n / t['wall']:.1f} hosts/s ({t['ok']}/{n} reported); report "
-                  f"{t['report_s']:.1f}s")
+                  f"{n / t['wall']:.1f} hosts/s ({t['ok']}/{n} reported); reports "
+                  f"{t['report_s']:.1f}s (reading the workflows {t['read_s']:.1f}s)")
             print(f"    worker CPU {t['worker_cpu'] / n * 1e3:.2f} ms/host (target <= 10), "
                   f"dev server CPU {t['server_cpu'] / n * 1e3:.2f} ms/host, client "
                   f"{t['client_cpu'] / n * 1e3:.2f} ms/host; machine {busy:.0%} busy; "
                   f"largest CPU share: {limit}")
+        print(f"  load average {_load()} after")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Radix-tree walk throughput: pages/s for dense and sparse trees read through an ELF core.
 
-Baselines, in the same process and from the same file:
+Columns, in the same process and from the same file:
+- walk: walk_radix() alone -- validation, counts, and the leaves kept in compact form;
+- +blocks: walk_radix() and then its `blocks` list ([pa, order, n] per run, what the
+  snapshot JSON and the twin consume), so the decoding the walk defers is counted too;
 - read: merely reading every node page of the tree (what any walker must at least do);
-  printed as the ratio walk time / read time (issue 14 target: <= 20x).
+  printed as the ratio walk time / read time (issue 14 target: <= 20x);
 - lists: building as many [pa, order, n] lists as the walk reports blocks, with the
-  garbage collector paused as the walker does (the walk's output is one such list per
-  block, so this is its floor on trees of isolated pages).
+  garbage collector paused as RadixWalk.blocks does (the floor of any walker whose
+  output is one list per block), ratio +blocks / lists.
 Issue 14 target: isolated order-0 pages >= 10 M pages/s.
 
 --agent DIR walks with the kho_agent package found in DIR instead (e.g. a checkout of an
@@ -22,6 +25,7 @@ import random
 import sys
 import tempfile
 import time
+from typing import Callable, TypeVar
 
 _ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 _ARGS.add_argument("--agent", default=os.path.join(os.path.dirname(__file__), "..", "agent"),
@@ -35,14 +39,17 @@ from kho_agent.abi.memory import SparseMemory  # noqa: E402
 from kho_agent.abi.radix import geometry, walk_radix  # noqa: E402
 from kho_agent.physmem import ElfCore, write_elf_core  # noqa: E402
 
+T = TypeVar("T")
 
-def _best(fn, repeat: int) -> tuple[float, object]:
+
+def _best(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
     best, res = float("inf"), None
     for _ in range(repeat):
         res = None                              # free the last result before timing
         t = time.perf_counter()
         res = fn()
         best = min(best, time.perf_counter() - t)
+    assert res is not None
     return best, res
 
 
@@ -59,9 +66,10 @@ def run(name: str, build, page_size: int = 4096) -> None:
             nodes = list(tree.nodes)
             t_read, _ = _best(lambda: [src.read(p, page_size) for p in nodes], OPTS.repeat)
             t_walk, w = _best(lambda: walk_radix(src.read, tree.root, g), OPTS.repeat)
+            t_full, _ = _best(lambda: walk_radix(src.read, tree.root, g).blocks, OPTS.repeat)
     assert w.intact, w.errors
     n = len(w.blocks)
-    gc.disable()                                # as the walker does while it builds them
+    gc.disable()                        # as RadixWalk.blocks does while it builds them
     try:
         t_lists, _ = _best(lambda: [[pa, 0, 1] for pa in range(1 << 40, (1 << 40) + n * 4096,
                                                                 4096)], OPTS.repeat)
@@ -69,11 +77,12 @@ def run(name: str, build, page_size: int = 4096) -> None:
         gc.enable()
     pages = sum(n << int(o) for o, n in w.pages_by_order.items())
     blocks = sum(w.pages_by_order.values())
-    print(f"{name:<38} {pages:>10,} pages {blocks:>9,} blocks {w.nodes:>5} nodes | "
-          f"walk {t_walk * 1e3:8.2f} ms {pages / t_walk / 1e6:8.1f} M pages/s "
-          f"{blocks / t_walk / 1e6:6.2f} M blocks/s | read {t_read * 1e3:6.2f} ms "
-          f"walk/read {t_walk / t_read:6.1f}x | lists {t_lists * 1e3:6.2f} ms "
-          f"walk/lists {t_walk / t_lists:5.1f}x")
+    print(f"{name:<38} {pages:>10,} pages {blocks:>9,} blocks {n:>9,} runs {w.nodes:>5} nodes"
+          f" | walk {t_walk * 1e3:8.2f} ms {pages / t_walk / 1e6:8.1f} M pages/s "
+          f"walk/read {t_walk / t_read:6.1f}x | +blocks {t_full * 1e3:8.2f} ms "
+          f"{pages / t_full / 1e6:8.1f} M pages/s +blocks/read {t_full / t_read:6.1f}x | "
+          f"read {t_read * 1e3:6.2f} ms | lists {t_lists * 1e3:6.2f} ms "
+          f"+blocks/lists {t_full / t_lists:5.1f}x")
 
 
 def dense(tree: RadixBuilder, ps: int) -> None:

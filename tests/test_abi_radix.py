@@ -727,18 +727,71 @@ def test_walk_equals_reference_on_fuzzed_pages(page_size, data):
                _reference_walk(mem.read, root, g, in_ram=in_ram, max_nodes=max_nodes))
 
 
-def test_walk_restores_gc_state():
+def test_walk_leaves_gc_alone_and_blocks_restore_it():
+    """The walk never touches the process-wide collector (a reader called during the walk
+    sees it enabled); decoding `blocks` pauses it and restores the caller's state."""
     import gc
-    g, mem, b, _ = _tree()
+    g, mem, b, blocks = _tree()
+    seen = []
+
+    def read(pa, n):
+        seen.append(gc.isenabled())
+        return mem.read(pa, n)
+
     assert gc.isenabled()
-    walk_radix(mem.read, b.root, g)
-    assert gc.isenabled()
+    w = walk_radix(read, b.root, g)
+    assert seen and all(seen) and gc.isenabled()
+    assert w.blocks == coalesce(blocks, g.page_size) and gc.isenabled()
     gc.disable()
     try:
-        walk_radix(mem.read, b.root, g)
-        assert not gc.isenabled()
+        w = walk_radix(mem.read, b.root, g)
+        assert w.blocks == coalesce(blocks, g.page_size) and not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_blocks_are_decoded_once_from_private_copies():
+    """Leaves are kept until `blocks` is first read: a reader handing out a buffer it
+    reuses (bytearray, then overwritten) cannot change the result; `blocks` is then a
+    plain cached list, and to_json/ranges agree with it."""
+    g, mem, b, blocks = _tree()
+    buf = bytearray(g.page_size)
+
+    def read(pa, n):
+        buf[:] = mem.read(pa, n)
+        return buf
+
+    w = walk_radix(read, b.root, g)
+    buf[:] = b"\xff" * g.page_size
+    want = coalesce(blocks, g.page_size)
+    assert w.blocks == want and w.blocks is w.blocks
+    assert w.to_json()["blocks"] == [list(x) for x in want]
+    assert w.ranges() == sorted(w.ranges())
+    assert sum(e - s for s, e in w.ranges()) == w.preserved_bytes
+
+
+def test_walk_decodes_leaves_only_when_asked(monkeypatch):
+    """The walk counts leaves without decoding them (the decoder runs when `blocks` is
+    read, or for a leaf that is not wholly in RAM); equal walks compare equal."""
+    from kho_agent.abi import radix
+    g = geometry(4096, "kho-v4")
+    mem = SparseMemory(1 << 40, 4096)
+    b = RadixBuilder(g, mem.alloc_page)
+    pfns = [i * 64 + (i * 7) % 64 for i in range(2000)]     # one page in each 64
+    for p in pfns:
+        b.add(p * 4096, 0)
+    b.write_to(mem.write)
+    calls = []
+    real = radix._leaf_blocks
+    monkeypatch.setattr(radix, "_leaf_blocks", lambda *a: calls.append(1) or real(*a))
+    w = walk_radix(mem.read, b.root, g, in_ram=lambda pa, n: True)
+    assert calls == [] and w.pages_by_order == {0: 2000} and w.preserved_bytes == 2000 * 4096
+    assert w.blocks == [[p * 4096, 0, 1] for p in pfns] and calls
+    n = len(calls)
+    cut = walk_radix(mem.read, b.root, g, in_ram=lambda pa, n: pa + n <= 1000 * 64 * 4096)
+    assert len(calls) == n + 3 and not cut.intact   # the leaf crossing the limit, two beyond
+    assert cut.pages_by_order == {0: 1000} and len(cut.blocks) == 1000
+    assert walk_radix(mem.read, b.root, g) == w and cut != w
 
 
 def test_popcount_fallback_for_python_39(monkeypatch):

@@ -216,8 +216,48 @@ def test_scratch_table() -> None:
     assert decode_scratch_table(table) == ((0x1_0000_0000, 64 << 20), (0x4000_0000, 16 << 20))
     with pytest.raises(BootProtoError, match="24 bytes"):
         decode_scratch_table(table[:24])
-    with pytest.raises(BootProtoError, match="zero address or size"):
+    # a slot that got no memory stays (addr, 0): left out, as the kernel skips it
+    assert decode_scratch_table(table + struct.pack("<2Q", 0x3EC0_0000, 0)) == (
+        (0x1_0000_0000, 64 << 20), (0x4000_0000, 16 << 20))
+    with pytest.raises(BootProtoError, match="every struct kho_scratch entry has size 0"):
         decode_scratch_table(table[:8] + bytes(8))
+    with pytest.raises(BootProtoError, match="zero address or size"):
+        decode_scratch_table(bytes(8) + table[8:16])
+
+
+# --- trees captured from the lab guests (tests/data) ------------------------------------------
+
+DATA = Path(__file__).parent / "data"
+PROD_BOOT = DATA / "x86-7.3.4-prod-kho-boot"
+
+
+def test_captured_setup_data_of_a_kho_boot() -> None:
+    """/sys/kernel/boot_params/setup_data of the lab's 7.3.4-prod guest right after the
+    kexec from 7.2.13 (2026-12-03): entry 0 is SETUP_RNG_SEED (9) with its payload already
+    consumed (0 bytes), entry 1 SETUP_KEXEC_KHO (10). Read as the agent reads /."""
+    top = PROD_BOOT / "sys/kernel/boot_params/setup_data"
+    assert parse_setup_type((top / "0/type").read_bytes()) == 9
+    assert (top / "0/data").read_bytes() == b""
+    assert parse_setup_type((top / "1/type").read_bytes()) == 10
+    kho = incoming_kho(str(PROD_BOOT))
+    assert kho == IncomingKho("setup_data", str(top / "1/data"), 0x18BA000, 0x1000,
+                              0x3EBF0000, 0x30)
+
+
+def test_captured_fdt_and_scratch_table_agree_with_setup_data() -> None:
+    """What setup_data points at, read through /proc/kcore on the same guest: the KHO root
+    FDT (kho-v4, whole within fdt_size) and the scratch table (3 slots, one empty)."""
+    from kho_agent.abi.kho import decode_kho_fdt
+    kho = incoming_kho(str(PROD_BOOT))
+    assert kho is not None
+    fdt = (PROD_BOOT / "kho-root-fdt.bin").read_bytes()
+    assert len(fdt) <= kho.fdt_size
+    root = decode_kho_fdt(fdt)
+    assert root.compatible == "kho-v4" and root.memory_map_root > 0
+    assert {s.name for s in root.subtrees} >= {"kexec-metadata", "LUO"}
+    table = (PROD_BOOT / "kho-scratch-table.bin").read_bytes()
+    assert len(table) == kho.scratch_table_size
+    assert decode_scratch_table(table) == ((0x3740_0000, 120 << 20), (0x3000_0000, 116 << 20))
 
 
 # --- fuzz the pure decoders -------------------------------------------------------------------

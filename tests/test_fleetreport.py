@@ -193,6 +193,7 @@ def test_written_reports(rollout, tmp_path) -> None:
     assert "max_failed_hosts 2 (want 1) ✗" in md
     assert "FAILED; min_success_ratio 0.3333 (want 1.0) ✗" in md
     assert "[hosts/a1.json](hosts/a1.json) |" in md and "| hosts/b1.json |" in md
+    assert "| [a1](hosts/a1.html) |" in md and "| b1 |" in md
     assert "| host | stage | state | result |" in md and "| b3 | rest | failed | failed |" in md
     assert "| b2 | rest | verify | &lt;script&gt;alert(1)&lt;/script&gt; |" in md
     assert "<script>" not in md
@@ -203,7 +204,8 @@ def test_written_reports(rollout, tmp_path) -> None:
     assert "script" not in p.tags and "link" not in p.tags and "img" not in p.tags
     assert EVIL in "".join(p.text) and EVIL not in page      # shown as text, escaped in source
     assert "http://" not in page and "https://" not in page and "src=" not in page
-    assert sorted(p.hrefs) == written                        # exactly the files that exist
+    pages = [w[:-len(".json")] + ".html" for w in written]   # each host's page (hostpage.py)
+    assert sorted(p.hrefs) == sorted(written + pages)        # exactly the files that exist
     for h in p.hrefs:
         assert os.path.isfile(os.path.join(out, h))
     assert "hosts/b1.json" in "".join(p.text)                # named, not linked

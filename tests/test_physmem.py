@@ -314,3 +314,52 @@ def test_fdt_scan_survives_an_unreadable_page_in_its_chunk(tmp_path) -> None:
         found = find_kho_fdts(mem, 4096)
     assert [c.phys for c in found] == [12 << 20]
     assert found[0].root is not None and found[0].root.memory_map_root == 0x200000
+
+
+# --- the live sources as a production kernel serves them (issue 12) ----------------------------
+
+IOMEM_X86 = ("00000000-00000fff : Reserved\n"
+             "00001000-00003fff : System RAM\n"           # below 1 MiB: strict /dev/mem's zeros
+             "00100000-00107fff : System RAM\n")
+
+
+def test_probe_addr_skips_the_first_mib(tmp_path):
+    """x86 STRICT_DEVMEM serves RAM below 1 MiB (as zeros) and refuses the rest: a probe
+    of the first RAM page would pass and every real read fail. The probe is above 1 MiB."""
+    from kho_agent.physmem import probe_addr
+    path = tmp_path / "mem"
+    path.write_bytes(bytes(0x108000))
+    with DevMem(str(path), ranges=[(0x1000, 0x4000), (0x100000, 0x108000)]) as mem:
+        assert probe_addr(mem) == 0x100000
+    with DevMem(str(path), ranges=[(0x1000, 0x4000)]) as mem:
+        assert probe_addr(mem) == 0x1000              # no RAM above 1 MiB: the first page
+
+
+def test_open_devmem_refuses_a_source_that_fails_above_1mib(tmp_path):
+    """A /dev/mem stand-in that holds only the first MiB (reads beyond it come back short,
+    as strict /dev/mem refuses them): open_devmem says it refuses System RAM, and
+    open_live_memory falls back to the kcore stand-in, an ELF core as /proc/kcore is."""
+    from kho_agent.physmem import open_devmem, open_kcore
+    iomem = tmp_path / "iomem"
+    iomem.write_text(IOMEM_X86)
+    short = tmp_path / "strict-mem"
+    short.write_bytes(bytes(0x4000))                  # nothing at 0x100000
+    with pytest.raises(PhysMemError, match=r"refuses System RAM \(read at 0x100000"):
+        open_devmem(str(short), str(iomem))
+    full = tmp_path / "mem"
+    full.write_bytes(_pattern(0x108000, 3))
+    with open_devmem(str(full), str(iomem)) as mem:
+        assert mem.read(0x100000, 8) == _pattern(0x108000, 3)[0x100000:0x100008]
+    # kcore: the direct map and the kernel text (inside it) carry p_paddr
+    kcore = tmp_path / "kcore"
+    ram = _pattern(0x8000, 5)
+    _elf(kcore, [(0x1000, bytes(0x3000), 0x3000), (0x100000, ram, 0x8000),
+                 (0x102000, ram[0x2000:0x3000], 0x1000)])
+    with open_kcore(str(kcore)) as mem:
+        assert mem.read(0x102000, 16) == ram[0x2000:0x2010]
+    with open_live_memory(str(short), str(kcore), str(iomem)) as mem:
+        assert isinstance(mem, KCore) and mem.source == "/proc/kcore"
+        assert mem.read(0x100000, 0x8000) == ram
+    with pytest.raises(PhysMemError) as ei:
+        open_live_memory(str(short), str(tmp_path / "nokcore"), str(iomem))
+    assert "refuses System RAM" in str(ei.value) and "nokcore" in str(ei.value)

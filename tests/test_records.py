@@ -239,7 +239,7 @@ def test_report_from_verify_record_matches_the_dict_edge() -> None:
     assert rep.to_json() == build_report(ver.to_json(), state)
     assert rep.result == "failed" and rep.failure == Failure(
         "verify", "workload vm/0x1: FINISH: busy")
-    assert rep.downtime == Downtime(5.5, 3.0, 2.0, 0.5)
+    assert rep.downtime == Downtime(5.5, 3.0, 2.0, 0.5, restored_s=5.5)   # no t_verified
     assert rep.journal == JournalSource("disk", "journal memfd not retrieved: gone")
     assert rep.radix.snapshot is not None and rep.radix.snapshot.blocks == 1
     assert HandoverReport.from_json(rep.to_json()) == rep

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from kho_fleet import lifecycle
 from kho_fleet.fleetreport import build_fleet_report
 from kho_fleet.statedb import HAPPY_PATH, IllegalTransition, StateDB
-from kho_fleet.temporal.state import Snapshot, new_host, transition
+from kho_fleet.temporal.state import Snapshot, new_host, phase, phases, transition
 
 REPORT = {"schema": "kho-fleet/handover-report/v1", "host": "h1", "result": "success",
           "kernel": {"from": {"release": "7.2.13"}, "to": {"release": "7.2.14"}},
@@ -86,3 +87,23 @@ def test_the_kexec_is_never_requested_twice() -> None:
         transition(row, "preflight", 3.0, ev)          # a retry would kexec again
     with pytest.raises(IllegalTransition, match="pending -> verified"):
         transition(new_host("x", 0, 0.0), "verified", 1.0, ev)
+
+
+def test_phases_cut_where_the_workflow_decides() -> None:
+    """One activity per phase: every step runs in exactly one phase, in the table's order;
+    the abort points and the at-most-once step start a phase (the workflow checks an abort
+    and commits kexec_requested between phases); a dry run's steps never share a phase with
+    others; after an unknown kexec, the rest is a phase without the kexec."""
+    table = list(lifecycle.LIFECYCLE)
+    cut = phases(table)
+    assert [s for p in cut for s in p] == table
+    starts = {p[0].name for p in cut}
+    for s in table:
+        if s.abort_point or s.at_most_once or s.kind == "begin":
+            assert s.name in starts, s.name
+    for p in cut:
+        assert len({s.in_dry_run for s in p}) == 1, [s.name for s in p]
+        assert not any(s.at_most_once for s in p[1:]), [s.name for s in p]
+    rest = phase(lifecycle.steps_from("kexec_requested"))
+    assert rest and not any(s.at_most_once for s in rest)
+    assert rest[-1].kind == "finish"

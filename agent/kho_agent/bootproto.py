@@ -136,11 +136,18 @@ def decode_addr_ranges(data: bytes, addr_cells: int, size_cells: int,
 
 
 def decode_scratch_table(blob: bytes, where: str = "scratch table") -> tuple[tuple[int, int], ...]:
-    """The (address, size) scratch areas in a `struct kho_scratch[]` read from memory (LE u64s)."""
+    """The (address, size) scratch areas in a `struct kho_scratch[]` read from memory (LE u64s).
+
+    Entries of size 0 are left out: the kernel writes one per scratch slot (lowmem,
+    global, one per NUMA node) and a slot that got no memory stays (addr, 0) -- seen on
+    the lab's 1-node guest: (0x37400000, 120 MiB), (0x3ec00000, 0), (0x30000000, 116 MiB).
+    """
     if not blob or len(blob) % 16:
         raise BootProtoError(f"{where}: {len(blob)} bytes, not a whole number of 16-byte "
                              "struct kho_scratch entries")
-    areas = tuple(struct.iter_unpack("<QQ", blob))
+    areas = tuple((a, n) for a, n in struct.iter_unpack("<QQ", blob) if n)
+    if not areas:
+        raise BootProtoError(f"{where}: every struct kho_scratch entry has size 0")
     for addr, size in areas:
         _check_range(where, "scratch area", addr, size)
     return areas

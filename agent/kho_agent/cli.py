@@ -158,6 +158,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kexec_method_args(sp: argparse.ArgumentParser) -> None:
+    """--kexec-method and --allow-fdstore-loss (kho_agent.systemdhost)."""
+    sp.add_argument("--kexec-method", choices=("auto", "systemd", "direct"), default="auto",
+                    help="systemctl kexec (systemd >= 262 carries FD stores through LUO) or "
+                         "kexec -e; auto picks (default auto)")
+    sp.add_argument("--allow-fdstore-loss", action="store_true",
+                    help="let a direct kexec lose other units' preserved FD stores")
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
     """Check KHO, LUO, kexec, debugfs, memory access, scratch and the staged kernel's ABI."""
     from .handover import AgentError
@@ -167,7 +176,9 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     agent = _agent(args)
     try:
         res = agent.preflight(kernel_image=args.kernel, initrd=args.initrd, spec=spec,
-                              page_size=args.page_size, allow_unknown_abi=args.allow_unknown_abi)
+                              page_size=args.page_size, allow_unknown_abi=args.allow_unknown_abi,
+                              kexec_method=args.kexec_method,
+                              allow_fdstore_loss=args.allow_fdstore_loss)
     except AgentError:
         res = agent.state.preflight or {}
         _emit(args, res, "\n".join(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}"
@@ -210,14 +221,17 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def cmd_kexec(args: argparse.Namespace) -> int:
     """Seal the journal and kexec into the staged kernel (needs --yes)."""
-    res = _agent(args).kexec(yes=args.yes)
-    _emit(args, res, f"kexec -e started ({res['agent_kexec_s'] * 1e3:.1f} ms after the request)")
+    res = _agent(args).kexec(yes=args.yes, kexec_method=args.kexec_method,
+                             allow_fdstore_loss=args.allow_fdstore_loss)
+    _emit(args, res, f"{res.get('command', 'kexec -e')} started "
+                     f"({res['agent_kexec_s'] * 1e3:.1f} ms after the request)")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """After boot: incoming state, retrieve + verify every workload, FINISH, measure downtime."""
-    rep = _agent(args).verify(agent_start=AGENT_START)
+    rep = _agent(args).verify(agent_start=AGENT_START,
+                              release_before_verify=args.release_before_verify)
     line = (f"handover {rep['handover_id']}: {rep['result']}"
             + (f" ({rep['failure']['phase']}: {rep['failure']['reason']})"
                if rep["failure"] else ""))
@@ -297,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--spec", metavar="FILE", help="workload spec (memory check)")
             sp.add_argument("--page-size", type=_page_size, metavar="BYTES",
                             help="expected page size (from the inventory)")
+            _kexec_method_args(sp)
         else:
             sp.add_argument("--cmdline", default="reuse", metavar="reuse|STRING")
             sp.add_argument("--sha256", type=_sha256, metavar="HEX",
@@ -304,9 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("preserve", cmd_preserve).add_argument("--spec", required=True, metavar="FILE",
                                                help="workloads (JSON, or YAML with PyYAML)")
     add("snapshot", cmd_snapshot)
-    add("kexec", cmd_kexec).add_argument("--yes", action="store_true",
-                                         help="really kexec into the staged kernel")
-    add("verify", cmd_verify)
+    kx = add("kexec", cmd_kexec)
+    kx.add_argument("--yes", action="store_true", help="really kexec into the staged kernel")
+    _kexec_method_args(kx)
+    add("verify", cmd_verify).add_argument(
+        "--release-before-verify", action="store_true",
+        help="hand retrieved memfds back to waiting workloads before checking their bytes")
     add("report", cmd_report).add_argument("--textfile-dir", metavar="DIR",
                                            help="also write kho-agent.prom here (node_exporter)")
     rel = add("release", cmd_release)

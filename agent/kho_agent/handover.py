@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from . import journal
 from .digest import sha256_file
@@ -18,6 +18,7 @@ from .kernel import Kernel, KernelError, LiveUpdateError
 from .preflight import preflight, running_abi
 from .snapshot import read_incoming, take_snapshot
 from .state import AgentState, load_state, read_json, save_state, write_json
+from .systemdhost import decide, fdstore_counts
 from .workload import WorkloadSpec, runs_to_pfns
 
 __all__ = ["AgentError", "Agent"]
@@ -25,6 +26,7 @@ __all__ = ["AgentError", "Agent"]
 PRESERVE_FILE = "preserve.json"
 SNAPSHOT_FILE = "snapshot.json"
 VERIFY_FILE = "verify.json"
+FDSTORES_FILE = "fdstores.json"     # the kexec method and the FD stores before the kexec
 
 
 class AgentError(KhoAgentError):
@@ -70,14 +72,16 @@ class Agent:
     # --- before kexec -------------------------------------------------------------------
     def preflight(self, *, kernel_image: Optional[str] = None, initrd: Optional[str] = None,
                   spec: Optional[WorkloadSpec] = None, page_size: Optional[int] = None,
-                  allow_unknown_abi: bool = False) -> dict:
+                  allow_unknown_abi: bool = False, kexec_method: Optional[str] = None,
+                  allow_fdstore_loss: bool = False) -> dict:
         """Run the preflight checks; a blocking failure aborts the handover."""
         if (self.state.phase in ("new", "preflight", "report", "verify")
                 or self.state.failure or self.state.aborted):
             self.state = AgentState()          # a new handover on this host
         res = preflight(self.kernel, kernel_image=kernel_image, initrd=initrd,
                         workload_bytes=spec.total_bytes if spec else 0, page_size=page_size,
-                        allow_unknown_abi=allow_unknown_abi)
+                        allow_unknown_abi=allow_unknown_abi, kexec_method=kexec_method,
+                        allow_fdstore_loss=allow_fdstore_loss)
         out = res.to_json()
         self.state.preflight = out
         if not res.ok:
@@ -103,7 +107,8 @@ class Agent:
             raise self._fail("stage", f"{kernel_image}: sha256 {digest} != expected {sha256}")
         res = preflight(self.kernel, kernel_image=kernel_image, initrd=initrd,
                         allow_unknown_abi=allow_unknown_abi)
-        abi = [c for c in res.checks if c.name in ("abi", "target_image") and not c.ok]
+        abi = [c for c in res.checks if c.name in ("abi", "target_image", "kexec_sig")
+               and not c.ok and c.blocking]
         if abi:
             self.state.aborted = True
             raise self._fail("stage", abi[0].detail)
@@ -180,12 +185,21 @@ class Agent:
         self._save()
         return {k: v for k, v in snap.items() if k not in ("blocks", "node_pages")}
 
-    def kexec(self, *, yes: bool) -> dict:
+    def kexec(self, *, yes: bool, kexec_method: str = "direct",
+              allow_fdstore_loss: bool = False) -> dict:
         """Seal the journal (final stamps) into its preserved memfd and on disk, then
-        `kexec -e`. Everything big was written at snapshot time: this window is short."""
+        `kexec -e` -- or, with the systemd method, hand the sessions to PID 1 and
+        `systemctl kexec` (kho_agent.systemdhost). Everything big was written at snapshot
+        time: this window is short. A direct kexec that would lose other units' FD stores
+        is refused unless `allow_fdstore_loss`."""
         t0 = time.time()
         if not yes:
             raise AgentError("kexec", "refusing to kexec without --yes")
+        decision = decide(self.kernel, kexec_method, allow_fdstore_loss)
+        if not decision.ok:
+            raise self._fail("kexec", str(decision.refused))
+        write_json(self._path(FDSTORES_FILE), {"method": decision.method, "why": decision.why,
+                                               "before": fdstore_counts(decision.fdstores)})
         if not self.kernel.kexec_loaded():
             raise self._fail("kexec", "no kernel staged (kexec_loaded is 0): run stage first")
         if self.state.stamp("snapshot") is None:
@@ -197,6 +211,8 @@ class Agent:
         with c:
             try:
                 sealed, _ = c.call("seal", tail=tail.to_json())
+                if decision.method == "systemd":
+                    c.call("to_pid1")
             except HolderError as e:
                 raise self._fail("kexec", str(e)) from None
         t_exec = time.time()
@@ -205,16 +221,25 @@ class Agent:
         journal.write_tail(self.dir, tail)
         self.state.enter("kexec")
         self._save()
+        command = "systemctl kexec" if decision.method == "systemd" else "kexec -e"
         try:
-            self.kernel.kexec_exec()
+            if decision.method == "systemd":
+                self.kernel.systemd_kexec()
+            else:
+                self.kernel.kexec_exec()
         except KernelError as e:
-            raise self._fail("kexec", f"kexec -e failed: {e}") from None
+            raise self._fail("kexec", f"{command} failed: {e}") from None
         return {"handover_id": self.state.handover_id, "kexec_exec": t_exec,
+                "command": command, "kexec_method": decision.to_json(),
                 "agent_kexec_s": t_exec - t0, "journal_bytes": sealed["bytes"]}
 
     # --- after kexec ----------------------------------------------------------------------
-    def verify(self, *, agent_start: Optional[float] = None) -> dict:
-        """Read the incoming state, retrieve and check every workload, FINISH, measure."""
+    def verify(self, *, agent_start: Optional[float] = None,
+               release_before_verify: bool = False) -> dict:
+        """Read the incoming state, retrieve every workload and FINISH (restored), then
+        check their bytes (verified), measure. `release_before_verify`: the workloads
+        waiting to claim their memfds get them between the two (the holder verifies its
+        own duplicate of each fd)."""
         agent_start = agent_start or time.time()
         prev = self._read_verify()
         if (prev is not None and prev.t_restored and prev.kernel_boot_time is not None
@@ -222,20 +247,32 @@ class Agent:
             # already verified in this boot (e.g. by the systemd unit, then the controller):
             # the sessions are FINISHed and held; say what was found then
             from .report import handover_report
-            return handover_report(prev, self.state, self.kernel.hostname()).to_json()
+            rep0 = handover_report(prev, self.state, self.kernel.hostname())
+            self._fdstores(rep0, after=False)
+            return rep0.to_json()
         try:
             disk = journal.read_disk(self.dir)
         except InputError:
             disk = None    # the disk copy is the fallback: the memfd journal comes first
         incoming = IncomingTree.from_json(
             read_incoming(self.kernel, None if disk is None else disk.snapshot), "incoming")
-        reply, lost_holder = None, None
+        reply, lost_holder, checked, t_released = None, None, None, None
         for attempt in range(2):
             try:
                 c = holder_client(self.dir) or spawn_holder(self.dir, self.kernel)
                 with c:
                     reply, _ = c.call("retrieve",
                                       journal=None if disk is None else disk.to_json())
+                    if not release_before_verify:
+                        checked, _ = c.call("verify")
+                if release_before_verify:
+                    # the connection is closed: claims queued on the holder are served now
+                    t_released = time.time()
+                    c2 = holder_client(self.dir)
+                    if c2 is None:
+                        raise HolderError("the holder went away after retrieve", PEER_GONE)
+                    with c2:
+                        checked, _ = c2.call("verify")
                 break
             except (HolderError, LiveUpdateError) as e:
                 # A holder killed mid-retrieval takes every session it had retrieved but
@@ -251,9 +288,9 @@ class Agent:
                                    release=self.kernel.release())
                 write_json(self._path(VERIFY_FILE), out.to_json())
                 raise self._fail("verify", f"retrieval failed: {e}") from None
-        assert reply is not None
-        results = [WorkloadResult.from_json(r, f"retrieve: results[{i}]")
-                   for i, r in enumerate(reply["results"])]
+        assert reply is not None and checked is not None
+        results = [WorkloadResult.from_json(r, f"verify: results[{i}]")
+                   for i, r in enumerate(checked["results"])]
         if lost_holder:
             for r in results:
                 if r.error:
@@ -267,8 +304,10 @@ class Agent:
                            journal_error=journal_error if isinstance(journal_error, str) else None,
                            results=results, agent_start=agent_start,
                            kernel_boot_time=self.kernel.boot_time(),
-                           t_restored=reply["t_restored"], release=self.kernel.release(),
-                           running=running_abi(self.kernel))
+                           t_restored=reply["t_restored"], t_verified=checked["t_verified"],
+                           t_released=t_released, release=self.kernel.release(),
+                           running=running_abi(self.kernel),
+                           sessions_lost=_str_dict(reply.get("sessions_lost")))
         write_json(self._path(VERIFY_FILE), out.to_json())
         if self.state.handover_id != jr.handover_id:
             self.state = AgentState(handover_id=jr.handover_id or self.state.handover_id,
@@ -277,11 +316,34 @@ class Agent:
         self.state.enter("boot", t=out.kernel_boot_time)
         from .report import handover_report
         rep = handover_report(out, self.state, self.kernel.hostname())
+        self._fdstores(rep, after=True)
         if rep.failure is not None and rep.result != "success":
             self.state.fail(rep.failure.phase, rep.failure.reason)
         self.state.enter("verify")
         self._save()
         return rep.to_json()
+
+    def _fdstores(self, rep: Any, after: bool) -> None:
+        """The report's kexec_method and per-unit FD stores before/after the kexec
+        (fdstores.json; `after`: count them now, in the new kernel, and record it)."""
+        path = self._path(FDSTORES_FILE)
+        rec = read_json(path)
+        if not isinstance(rec, dict):
+            return
+        raw = rec.get("before")
+        before: dict = raw if isinstance(raw, dict) else {}
+        if after:
+            try:
+                rec["after"] = {u.unit: u.count for u in self.kernel.fdstore_units()}
+            except KhoAgentError as e:
+                rec["after_error"] = str(e)
+            write_json(path, rec)
+        now = rec.get("after") if isinstance(rec.get("after"), dict) else None
+        rep.kexec_method = str(rec.get("method"))
+        rep.fdstores = [{"unit": u, "before": int(n),
+                         "after": None if now is None else int(now.get(u, 0)),
+                         "lost": None if now is None else max(0, int(n) - int(now.get(u, 0)))}
+                        for u, n in sorted(before.items())]
 
     def _read_verify(self) -> Optional[VerifyResult]:
         """verify.json, if written; StateError/RecordError (exit 2) naming file and field."""
@@ -293,6 +355,7 @@ class Agent:
         """Write report.json and the node_exporter textfile; return the report."""
         from .report import handover_report, write_report
         rep = handover_report(self._read_verify(), self.state, self.kernel.hostname())
+        self._fdstores(rep, after=False)
         write_report(rep, self.dir, textfile_dir)
         if self.state.phase != "report":
             self.state.enter("report")
@@ -307,3 +370,8 @@ class Agent:
         with c:
             reply, _ = c.call("release", session=session, token=token)
         return reply
+
+
+def _str_dict(v: object) -> dict[str, str]:
+    """{name: reason} from a holder reply field (anything else: empty)."""
+    return ({str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else {})

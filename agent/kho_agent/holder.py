@@ -19,7 +19,6 @@ retrieved but not FINISHed. Each holder process counts its own retrievals.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -30,18 +29,24 @@ import time
 from typing import Any, Optional
 
 from . import journal
+from .badpages import PAGE_CRC_MAX_BYTES
+from .chunkdigest import FileDigest, digest_bytes, digest_fd, pack_crcs
 from .errors import KhoAgentError
 from .fields import RecordError
 from .journal import Journal, JournalTail, JournalWorkload, WorkloadResult
 from .journal import parse_memfd as parse_journal
 from .kernel import Kernel, KernelError, LiveUpdate, LiveUpdateError, Session
+from .memfdprops import read_holes, read_props
+from .systemdhost import HOLDER_UNIT
+from .verify import verify_results
 from .wire import call, close_fds, connect_unix, recv_msg, send_msg
 from .workload import (
     AGENT_SESSION,
     JOURNAL_TOKEN,
+    MemfdSpec,
     SpecError,
-    fill_pattern,
-    hash_fd,
+    create_memfd,
+    expected_bytes,
     make_memfd,
     parse_spec,
     pfn_runs,
@@ -129,6 +134,10 @@ class Holder:
         self.running = True
         self.retrieved = 0                                  # successful RETRIEVE_FDs
         self.exit_after_retrieve = _exit_after_retrieve()   # fault injection (lab tests)
+        self.to_verify: dict[tuple[str, int], tuple[JournalWorkload, int]] = {}
+        self.retrieved_journal: Optional[Journal] = None
+        self.retrieved_results: list[WorkloadResult] = []
+        self.from_pid1: Optional[dict[str, Session]] = None   # sessions PID 1 handed back
 
     def _count_retrieve(self) -> None:
         """Count one successful RETRIEVE_FD; exit here if the fault knob says so."""
@@ -150,14 +159,25 @@ class Holder:
         return self.sessions[name]
 
     def _preserve(self, session: str, token: int, fd: int, size: int, sha: str,
-                  source: str) -> JournalWorkload:
+                  source: str, dg: Optional[FileDigest] = None,
+                  seed: Optional[int] = None) -> JournalWorkload:
         sess = self._session(session)
         sess.preserve_fd(fd, token)
         self.fds[(session, token)] = fd
         pfns = self.kernel.memfd_pfns(fd, size)
-        rec = JournalWorkload(session, token, size, sha, pfn_runs(pfns), source)
+        rec = JournalWorkload(session, token, size, sha, pfn_runs(pfns), source, seed=seed)
+        if dg is not None:                     # chunk digests (chunkdigest.py)
+            rec.chunks, rec.chunk_size = dg.chunks, dg.chunk_size
+            rec.page_crcs = None if dg.page_crcs is None else pack_crcs(dg.page_crcs)
         self.records[(session, token)] = rec
         return rec
+
+    def _digest_fd(self, fd: int, size: int, adopted: bool) -> FileDigest:
+        """sha256 + chunk digests of a memfd the holder did not fill (per-page crcs too
+        where cheap: its bytes cannot be regenerated after the kexec)."""
+        small = adopted and size <= PAGE_CRC_MAX_BYTES
+        return digest_fd(fd, size, whole=True,
+                         page_size=self.kernel.page_size() if small else 0)
 
     def op_records(self, req: dict, fds: list[int]) -> dict:
         """Every workload preserved so far (created or adopted), for snapshot and journal."""
@@ -171,6 +191,8 @@ class Holder:
         ps = self.kernel.page_size()
         records: list[JournalWorkload] = []
         for s in spec.sessions:
+            if not s.memfds:
+                self._session(s.name)     # empty: preserved with no files (journal says so)
             for m in s.memfds:
                 key = (s.name, m.token)
                 if m.adopt or key in self.records:
@@ -178,19 +200,60 @@ class Holder:
                 if key in self.fds:
                     fd = self.fds[key]
                     size = os.fstat(fd).st_size
-                    records.append(self._preserve(s.name, m.token, fd, size, hash_fd(fd, size),
-                                                  "carried"))
+                    dg = self._digest_fd(fd, size, adopted=True)
+                    records.append(self._preserve(s.name, m.token, fd, size, dg.sha256 or "",
+                                                  "carried", dg))
+                    records[-1].props = self._props_before(fd, None, None, size)
                     continue
-                data = fill_pattern(m.token, m.seed, m.size, ps)
-                sha = hashlib.sha256(data).hexdigest()
-                fd = make_memfd(f"kho-{s.name}-{m.token}", data)
+                data = expected_bytes(m, ps)            # the fill pattern, zeros in holes
+                dg = digest_bytes(data, whole=True)     # sha256 + chunks, threads
+                sha = dg.sha256 or ""
+                fd = create_memfd(f"kho-{s.name}-{m.token}", m, data)
                 del data
                 try:
-                    records.append(self._preserve(s.name, m.token, fd, m.size, sha, "created"))
+                    if m.huge is not None:
+                        self.kernel.shmem_huge_hint(fd, m.huge)
+                    # PRESERVE_FD fills holes (memfd_pin_folios): measure them before
+                    holes = read_holes(fd, m.size)[0] if m.holes else []
+                    # a memfd with holes is not the plain pattern: no seed to regenerate it
+                    records.append(self._preserve(s.name, m.token, fd, m.size, sha, "created",
+                                                  dg, None if m.holes else m.seed))
                 except BaseException:
                     os.close(fd)
                     raise
+                records[-1].props = self._props_before(fd, m, holes, m.size)
         return {"workloads": [w.to_json() for w in records]}
+
+    def _props_before(self, fd: int, m: Optional[MemfdSpec],
+                      holes: Optional[list[list[int]]], size: int) -> dict[str, Any]:
+        """memfdprops of a memfd after PRESERVE_FD (folios pinned: counted where `huge` was
+        asked), its holes as measured before PRESERVE_FD (None: as they are now), and (a
+        memfd the holder created: `m`) the kind the spec asked for. Unreadable properties
+        are said, not raised: the memfd is preserved all the same."""
+        try:
+            props = read_props(self.kernel, fd, size, folios=m is not None and m.huge is not None)
+        except (OSError, KernelError) as e:
+            return {"error": f"properties unreadable: {e}"}
+        if holes is not None:
+            props["holes"] = holes
+        if m is not None:
+            props["kind"] = m.kind
+        return props
+
+    def _refresh_props(self) -> None:
+        """size, pos, seals and flags of every preserved memfd as they are now, in the
+        snapshot just before the kexec: what the kernel should carry. (memfd-v2 takes the
+        seals at PRESERVE_FD and f_pos again at freeze: a seal added since is lost, and
+        the comparison after the kexec says so.)"""
+        for key, rec in self.records.items():
+            fd = self.fds.get(key)
+            if fd is None or rec.props is None:
+                continue
+            try:
+                now = read_props(self.kernel, fd, 0)
+            except OSError:
+                continue
+            rec.props.update({k: now[k] for k in ("size", "pos", "seals", "flags")})
 
     def op_adopt(self, req: dict, fds: list[int]) -> dict:
         """A workload hands its memfd over (SCM_RIGHTS) to be preserved as `token`."""
@@ -201,18 +264,24 @@ class Holder:
         fd = fds[0]
         size = os.fstat(fd).st_size
         try:
+            dg = self._digest_fd(fd, size, adopted=True)
+            holes = read_holes(fd, size)[0]      # before PRESERVE_FD fills them
             rec = self._preserve(str(req["session"]), int(req["token"]), fd, size,
-                                 hash_fd(fd, size), "adopted")
+                                 dg.sha256 or "", "adopted", dg)
         except BaseException:
             os.close(fd)
             raise
+        rec.props = self._props_before(fd, None, holes, size)
         return {"workload": rec.to_json()}
 
     def op_prepare(self, req: dict, fds: list[int]) -> dict:
         """Write the journal body (with every workload record) into the agent's memfd and
         to disk, ahead of the kexec window."""
         body = Journal.from_json(req["journal"], "prepare: journal")
+        self._refresh_props()
         body.workloads = list(self.records.values())
+        body.empty_sessions = [n for n in self.sessions if n != AGENT_SESSION
+                               and not any(k[0] == n for k in self.records)]
         raw = json.dumps(body.to_json(), separators=(",", ":")).encode() + b"\n"
         if self.journal_fd is not None:
             os.close(self.journal_fd)
@@ -234,6 +303,36 @@ class Holder:
         self.fds[(AGENT_SESSION, JOURNAL_TOKEN)] = fd
         return {"bytes": os.fstat(fd).st_size}
 
+    def _retrieve_session(self, name: str) -> Session:
+        """RETRIEVE_SESSION, unless PID 1 handed the session back (a `systemctl kexec`
+        handover: the sessions went through systemd's FD store, kho_agent.systemdhost)."""
+        if self.from_pid1 is None:
+            self.from_pid1 = {}
+            try:
+                got = self.kernel.fdstore_take(HOLDER_UNIT)
+            except KhoAgentError:
+                got = []
+            for fdname, fd in got:
+                if fdname.startswith("luo-"):
+                    self.from_pid1[fdname[4:]] = self.kernel.adopt_session(fd, fdname[4:])
+                else:
+                    os.close(fd)
+        if name in self.from_pid1:
+            return self.from_pid1.pop(name)
+        return self.lu.retrieve_session(name)
+
+    def op_to_pid1(self, req: dict, fds: list[int]) -> dict:
+        """Before `systemctl kexec`: every outgoing session fd into PID 1's FD store of the
+        holder's unit (systemd records them as `luo_session` entries, which survive the
+        kexec as their own sessions), then close /dev/liveupdate so systemd-shutdown can
+        open it. The holder may die at shutdown now: PID 1 keeps the sessions."""
+        names = sorted(self.sessions)
+        for name in names:
+            self.kernel.fdstore_push(HOLDER_UNIT, f"luo-{name}", self.sessions[name].fileno(),
+                                     session_name=name)
+        self.lu.close()
+        return {"sessions": names, "unit": HOLDER_UNIT}
+
     def op_retrieve(self, req: dict, fds: list[int]) -> dict:
         """After kexec: the journal first, then every workload it lists; FINISH each session.
 
@@ -243,7 +342,7 @@ class Holder:
         jr: Optional[Journal] = None
         journal_error = None
         try:
-            sess = self.lu.retrieve_session(AGENT_SESSION)
+            sess = self._retrieve_session(AGENT_SESSION)
             self.incoming[AGENT_SESSION] = sess
             jfd = sess.retrieve_fd(JOURNAL_TOKEN)
             self._count_retrieve()
@@ -260,11 +359,14 @@ class Holder:
             raise HolderError(journal_error or "no journal", NOT_FOUND)
         results: list[WorkloadResult] = []
         by_session: dict[str, list[JournalWorkload]] = {}
+        wanted: dict[tuple[str, int], Optional[dict[str, Any]]] = {}
         for w in jr.workloads:
             by_session.setdefault(w.session, []).append(w)
+            wanted[(w.session, w.token)] = w.props
+        sessions_lost = self._retrieve_empty(jr.empty_sessions)
         for name, ws in by_session.items():
             try:
-                sess = self.lu.retrieve_session(name)
+                sess = self._retrieve_session(name)
             except LiveUpdateError as e:
                 results += [WorkloadResult(name, w.token, error=f"session lost: {e}") for w in ws]
                 continue
@@ -281,13 +383,16 @@ class Holder:
                 self._count_retrieve()
                 self.fds[(name, w.token)] = fd
                 got.append((res, fd, w.size))
+                self.to_verify[(name, w.token)] = (w, os.dup(fd))   # `verify` reads it
             for res, fd, size in got:
-                res.sha256 = hash_fd(fd, size)
                 res.size = os.fstat(fd).st_size
                 try:
-                    res.pfn_runs = pfn_runs(self.kernel.memfd_pfns(fd, size))
+                    pfns = self.kernel.memfd_pfns(fd, size)
+                    res.pfn_runs = pfn_runs(pfns)
                 except Exception as e:
+                    pfns = None
                     res.error = f"PFNs unreadable: {e}"
+                res.props = self._props_after(fd, size, pfns, wanted.get((name, res.token)))
                 results.append(res)
             try:
                 sess.finish()
@@ -295,8 +400,54 @@ class Holder:
                 for res, _, _ in got:
                     if res.error is None:
                         res.error = f"FINISH: {e}"
+        self.retrieved_journal, self.retrieved_results = jr, results
         return {"journal": jr.to_json(), "journal_error": journal_error,
-                "results": [r.to_json() for r in results], "t_restored": time.time()}
+                "results": [r.to_json() for r in results], "t_restored": time.time(),
+                "sessions_lost": sessions_lost}
+
+    def _retrieve_empty(self, names: list[str]) -> dict[str, str]:
+        """Retrieve and FINISH each session preserved with no files (the kernel selftests'
+        empty sessions): LUO must carry a session whatever it holds. Returns the lost ones."""
+        lost: dict[str, str] = {}
+        for name in names:
+            try:
+                sess = self._retrieve_session(name)
+                self.incoming[name] = sess
+                sess.finish()
+            except LiveUpdateError as e:
+                lost[name] = f"session lost: {e}"
+        return lost
+
+    def op_verify(self, req: dict, fds: list[int]) -> dict:
+        """After `retrieve`: check every retrieved workload's bytes (chunk digests in
+        parallel threads, verify.py) and name its bad pages. The holder reads its own
+        duplicate of each fd, so workloads may have claimed theirs already."""
+        if self.retrieved_journal is None:
+            raise HolderError("nothing retrieved yet: run retrieve first", NOT_READY)
+        try:
+            log = self.kernel.dmesg()
+        except Exception:
+            log = None
+        pending, self.to_verify = self.to_verify, {}
+        try:
+            results = verify_results(self.retrieved_journal, self.retrieved_results, pending,
+                                     self.kernel.page_size(), log)
+        finally:
+            for _, dfd in pending.values():
+                os.close(dfd)
+        return {"results": [r.to_json() for r in results], "t_verified": time.time()}
+
+    def _props_after(self, fd: int, size: int, pfns: Optional[list[int]],
+                     before: Optional[dict[str, Any]]) -> dict[str, Any]:
+        """memfdprops of a retrieved memfd: folios counted where they were before, and
+        whether the holes of before read as zeros."""
+        before = before or {}
+        try:
+            return read_props(self.kernel, fd, size, pfns=pfns,
+                              folios="folios_by_order" in before,
+                              holes_before=before.get("holes") or None)
+        except (OSError, KernelError) as e:
+            return {"error": f"properties unreadable: {e}"}
 
     def op_claim(self, req: dict, fds: list[int]) -> tuple[dict, list[int]]:
         """Hand a retrieved memfd to its workload (the caller) and forget it here."""
@@ -381,9 +532,24 @@ class Holder:
             self.lu.close()
 
 
+def raise_nofile_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: the holder keeps every memfd and session fd
+    open (a spec may ask for 1000 files per session, 100 sessions), like the kernel's
+    luo_stress_sessions selftest does with luo_ensure_nofile_limit()."""
+    import resource
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    except (OSError, ValueError):
+        pass                       # stays as it is; EMFILE then names the limit
+
+
 def run_holder(kernel: Kernel, state_dir: str) -> int:
     """Entry point of `kho-agent holder`: serve until released or signalled."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    raise_nofile_limit()
     try:
         h = Holder(kernel, state_dir)
     except LiveUpdateError as e:
@@ -433,10 +599,12 @@ def holder_client(state_dir: str) -> Optional[HolderClient]:
         return None
 
 
-def spawn_holder(state_dir: str, kernel: Kernel, timeout: float = 15.0) -> HolderClient:
+def spawn_holder(state_dir: str, kernel: Kernel, timeout: float = 90.0) -> HolderClient:
     """Start a detached holder (same python, same agent code: works from the zipapp too)
     on the same host as `kernel`: its environment is kernel.child_env(), so a holder
-    started for a twin host opens that twin's /dev/liveupdate, never this machine's."""
+    started for a twin host opens that twin's /dev/liveupdate, never this machine's.
+    `timeout`: an arm64 lab guest (TCG, loaded host) took more than 15 s to start python
+    from the zipapp; a holder that exits is reported at once."""
     import kho_agent
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(kho_agent.__file__)))
     env = kernel.child_env()

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
+from .badpages import BadPage
 from .fields import Fields, JsonRecord
 from .state import read_json, write_json
 
@@ -35,6 +36,7 @@ class JournalWorkload(JsonRecord):
     """One preserved memfd as the holder recorded it before the kexec."""
 
     WHERE = "workload"
+    OMIT_NONE = ("seed", "page_crcs")
 
     session: str
     token: int
@@ -42,6 +44,13 @@ class JournalWorkload(JsonRecord):
     sha256: str
     pfn_runs: list[list[int]]
     source: str = "created"        # created, adopted or carried (from the last handover)
+    # chunked digests (chunkdigest.py): one sha256 per chunk_size bytes; an old journal
+    # has none and is verified by its whole-file sha256
+    chunks: list[str] = field(default_factory=list)
+    chunk_size: int = 0
+    seed: Optional[int] = None          # a created workload's fill seed: its bytes regenerate
+    page_crcs: Optional[str] = None     # an adopted one's per-page crc32 (where cheap)
+    props: Optional[dict[str, Any]] = None   # memfdprops.read_props before, + "kind" asked
 
 
 @dataclass
@@ -62,6 +71,7 @@ class Journal(JsonRecord):
     snapshot: Optional[dict[str, Any]] = None
     stamps: dict[str, float] = field(default_factory=dict)
     workloads: list[JournalWorkload] = field(default_factory=list)
+    empty_sessions: list[str] = field(default_factory=list)   # preserved with no files
     agent_kexec_s: Optional[float] = None      # from the tail: how long the agent's kexec took
     schema: str = SCHEMA
 
@@ -141,7 +151,8 @@ class WorkloadResult(JsonRecord):
     """What retrieving one workload gave: its hash and PFNs now, or why it failed."""
 
     WHERE = "result"
-    OMIT_NONE = ("sha256", "size", "pfn_runs", "error")     # only what was found is said
+    OMIT_NONE = ("sha256", "size", "pfn_runs", "error", "chunks", "chunk_size",
+                 "sha256_from", "props")                  # only what was found is said
 
     session: str
     token: int
@@ -149,6 +160,13 @@ class WorkloadResult(JsonRecord):
     size: Optional[int] = None
     pfn_runs: Optional[list[list[int]]] = None
     error: Optional[str] = None
+    chunks: Optional[list[str]] = None        # the chunk digests after (verify)
+    chunk_size: Optional[int] = None
+    bad_pages: list[BadPage] = field(default_factory=list)   # the first MAX_BAD_PAGES
+    bad_pages_total: int = 0
+    bad_chunks: list[int] = field(default_factory=list)      # differing, not narrowed to pages
+    sha256_from: Optional[str] = None         # "chunks": inferred, every chunk matched
+    props: Optional[dict[str, Any]] = None    # memfdprops.read_props after retrieval
 
 
 @dataclass
@@ -183,5 +201,8 @@ class VerifyResult(JsonRecord):
     agent_start: Optional[float] = None
     kernel_boot_time: Optional[float] = None
     t_restored: Optional[float] = None
+    t_verified: Optional[float] = None     # every workload's digests checked
+    t_released: Optional[float] = None     # adopted workloads handed back before verify
     release: Optional[str] = None
     running: Optional[dict[str, Any]] = None      # preflight.running_abi after the kexec
+    sessions_lost: dict[str, str] = field(default_factory=dict)   # empty session -> why

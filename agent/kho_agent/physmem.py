@@ -27,8 +27,8 @@ from typing import Any, Optional
 from .abi.memory import MemoryReadError
 
 __all__ = ["PhysMemError", "Segment", "PhysicalMemory", "RawImage", "ElfCore", "KCore",
-           "DevMem", "open_memory", "open_live_memory", "system_ram_ranges",
-           "write_elf_core"]
+           "DevMem", "open_memory", "open_live_memory", "open_devmem", "open_kcore",
+           "probe_addr", "system_ram_ranges", "write_elf_core"]
 
 _ELF_MAGIC = b"\x7fELF"
 _PT_LOAD = 1
@@ -350,7 +350,57 @@ def open_memory(path: str, base: Optional[int] = None) -> PhysicalMemory:
         raise PhysMemError(f"{path}: {e.strerror or e}") from None
 
 
-def open_live_memory() -> PhysicalMemory:
+_LOW_MEM = 0x100000     # x86 /dev/mem serves the first MiB of RAM as zeros even when strict
+
+
+def probe_addr(mem: PhysicalMemory) -> int:
+    """A RAM address to test a live source with: the first page at or above 1 MiB.
+
+    With CONFIG_STRICT_DEVMEM, x86 devmem_is_allowed() lets RAM below 1 MiB be read (as
+    zeros) and refuses everything above it, so a probe of the first RAM page would pass
+    and every real read would then fail.
+    """
+    for lo, hi in mem.ranges:
+        at = max(lo, _LOW_MEM)
+        if at + 8 <= hi:
+            return at
+    return mem.ranges[0][0]
+
+
+def open_devmem(path: str = "/dev/mem", iomem: str = "/proc/iomem") -> DevMem:
+    """/dev/mem over /proc/iomem's System RAM, checked to really serve RAM above 1 MiB."""
+    try:
+        ranges = system_ram_ranges(iomem)
+    except OSError as e:
+        raise PhysMemError(f"{iomem}: {e.strerror or e}") from None
+    mem = DevMem(path, ranges)
+    try:
+        at = probe_addr(mem)
+        try:
+            mem.read(at, 8)
+        except PhysMemError as e:
+            raise PhysMemError(f"{path} refuses System RAM (read at 0x{at:x}: "
+                               f"{str(e).rsplit(': ', 1)[-1]}; CONFIG_STRICT_DEVMEM)") from None
+    except BaseException:
+        mem.close()
+        raise
+    return mem
+
+
+def open_kcore(path: str = "/proc/kcore") -> KCore:
+    """/proc/kcore, checked to be readable and to map System RAM."""
+    mem = KCore(path)
+    try:
+        at = probe_addr(mem)
+        mem.read(at, 8)
+    except BaseException:
+        mem.close()
+        raise
+    return mem
+
+
+def open_live_memory(devmem: str = "/dev/mem", kcore: str = "/proc/kcore",
+                     iomem: str = "/proc/iomem") -> PhysicalMemory:
     """The running kernel's physical memory: /dev/mem if it serves RAM, else /proc/kcore.
 
     `.source` says which one was used (distribution kernels set CONFIG_STRICT_DEVMEM,
@@ -358,18 +408,21 @@ def open_live_memory() -> PhysicalMemory:
     """
     errors = []
     try:
-        mem = DevMem()
-        first = mem.ranges[0][0]
-        probe = first + 0x100000 if mem.contains(first + 0x100000, 8) else first
-        mem.read(probe, 8)
-        return mem
+        return open_devmem(devmem, iomem)
     except (OSError, PhysMemError) as e:
-        errors.append(f"/dev/mem: {e}")
+        errors.append(f"{devmem}: {_why(e)}")
     try:
-        return KCore()
+        return open_kcore(kcore)
     except (OSError, PhysMemError) as e:
-        errors.append(f"/proc/kcore: {e}")
+        errors.append(f"{kcore}: {_why(e)}")
     raise PhysMemError("no readable physical memory (" + "; ".join(errors) + ")")
+
+
+def _why(e: BaseException) -> str:
+    """An OSError's strerror (no repeated path), else the message."""
+    if isinstance(e, OSError) and not isinstance(e, PhysMemError) and e.strerror:
+        return e.strerror
+    return str(e)
 
 
 def write_elf_core(path: str, chunks: Iterable[tuple[int, bytes]], *,

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar, Union
 
 from .atomicfile import atomic_write
+from .badpages import BadPage
+from .capabilities import INCOMING_NOT_WALKED, Capabilities
 from .fields import Fields, JsonRecord, is_int
-from .journal import IncomingTree, VerifyResult
+from .journal import IncomingTree, VerifyResult, WorkloadResult
+from .memfdprops import compare as compare_props
 from .state import AgentState, write_json
 from .workload import WorkloadRecord
 
@@ -144,6 +147,7 @@ class ReportWorkload(JsonRecord):
     """One workload's verdict: same bytes (sha256) in the same pages (PFNs)?"""
 
     WHERE = "workload"
+    OMIT_NONE = ("sha256_from",)
 
     session: str = ""
     token: int = 0
@@ -154,11 +158,24 @@ class ReportWorkload(JsonRecord):
     verified: bool = False
     error: Optional[str] = None
     source: str = "created"
+    # where the bytes went wrong (badpages.py): the first MAX_BAD_PAGES pages by offset,
+    # all of them counted; chunks that differ but could not be narrowed to pages
+    bad_pages: list[BadPage] = field(default_factory=list)
+    bad_pages_total: int = 0
+    bad_chunks: list[int] = field(default_factory=list)
+    sha256_from: Optional[str] = None     # "chunks": sha256_after inferred (all chunks match)
+    # memfd-v2 properties (memfdprops.py): size, pos, seals, flags, holes, folios_by_order
+    # before PRESERVE_FD and after RETRIEVE_FD, and what differs (a mismatch fails)
+    props_before: Optional[dict[str, Any]] = None
+    props_after: Optional[dict[str, Any]] = None
+    props_mismatch: list[str] = field(default_factory=list)
 
     @classmethod
     def of_record(cls, w: WorkloadRecord) -> ReportWorkload:
         return cls(w.session, w.token, w.size, w.sha256_before, w.sha256_after,
-                   w.pfns_identical, w.verified, w.error, w.source)
+                   w.pfns_identical, w.verified, w.error, w.source,
+                   props_before=w.props_before, props_after=w.props_after,
+                   props_mismatch=list(w.props_mismatch))
 
 
 @dataclass
@@ -171,6 +188,8 @@ class Downtime(JsonRecord):
     kexec_to_kernel_s: Optional[float] = None
     kernel_to_agent_s: Optional[float] = None
     agent_to_restored_s: Optional[float] = None
+    restored_s: Optional[float] = None     # kexec -e -> every fd retrieved and handed back
+    verified_s: Optional[float] = None     # kexec -e -> every workload's bytes checked
 
 
 @dataclass
@@ -202,6 +221,18 @@ class HandoverReport(JsonRecord):
     downtime: Downtime = field(default_factory=Downtime)
     agent_kexec_s: Optional[float] = None
     journal: JournalSource = field(default_factory=JournalSource)
+    stamps: dict[str, float] = field(default_factory=dict)    # step -> epoch seconds
+    empty_sessions: list[str] = field(default_factory=list)   # preserved with no files
+    sessions_lost: dict[str, str] = field(default_factory=dict)   # of those: lost, why
+    # the old kernel's capabilities as preflight found them, and what was not checked for
+    # want of one (capabilities.py: e.g. "radix snapshot skipped: no physical-memory access")
+    capabilities: Optional[Capabilities] = None
+    not_checked: list[str] = field(default_factory=list)
+    # how the old kernel was left (systemdhost): "systemd" (systemctl kexec) or "direct"
+    # (kexec -e), and per unit its preserved FD-store fds before and after ({unit, before,
+    # after, lost}): a direct kexec loses them, systemd carries them
+    kexec_method: Optional[str] = None
+    fdstores: list[dict[str, Any]] = field(default_factory=list)
     schema: str = SCHEMA
 
     def to_json(self) -> dict[str, Any]:
@@ -244,6 +275,7 @@ def _workloads(verify: VerifyResult) -> list[WorkloadRecord]:
     out = []
     for w in (verify.journal.workloads if verify.journal is not None else []):
         rec = WorkloadRecord(w.session, w.token, w.size, w.sha256, w.pfn_runs, w.source)
+        rec.props_before = w.props
         r = results.get((rec.session, rec.token))
         if r is None:
             rec.error = "not retrieved"
@@ -251,6 +283,8 @@ def _workloads(verify: VerifyResult) -> list[WorkloadRecord]:
             rec.sha256_after = r.sha256
             rec.pfn_runs_after = r.pfn_runs
             rec.error = r.error
+            rec.props_after = r.props
+            rec.props_mismatch = compare_props(w.props, r.props)
         out.append(rec)
     return out
 
@@ -262,12 +296,69 @@ def _verify_failure(verify: VerifyResult, incoming: IncomingTree,
     if verify.error:
         return Failure("verify", verify.error)
     lost = [w for w in workloads if not w.verified]
+    if not lost and verify.sessions_lost:
+        return Failure("verify", "; ".join(f"empty session {n!r}: {why}"
+                                           for n, why in sorted(verify.sessions_lost.items())))
     if not lost:
         return None
+    found = {(r.session, r.token): r for r in verify.results}
     return Failure("verify", "; ".join(
         f"workload {w.session}/{w.token:#x}: " + (w.error or (
-            "sha256 differs" if w.sha256_after != w.sha256_before else "PFNs differ"))
+            "sha256 differs" if w.sha256_after != w.sha256_before
+            else "PFNs differ" if not w.pfns_identical
+            else "properties differ: " + "; ".join(w.props_mismatch)))
+        + _bad_pages_note(found.get((w.session, w.token)))
         for w in lost))
+
+
+def _bad_pages_note(r: Optional[WorkloadResult]) -> str:
+    """" (N bad pages, first at offset 0x..., PFN 0x...)" when pages are named."""
+    if r is None or not r.bad_pages_total:
+        return ""
+    first = r.bad_pages[0] if r.bad_pages else None
+    n = r.bad_pages_total
+    return (f" ({n} bad page{'s' if n != 1 else ''}"
+            + (f", first at offset {first.offset:#x}" if first is not None else "")
+            + (f", PFN {first.pfn_before:#x}" if first is not None
+               and first.pfn_before is not None else "") + ")")
+
+
+def _report_workload(w: WorkloadRecord, r: Optional[WorkloadResult]) -> ReportWorkload:
+    rw = ReportWorkload.of_record(w)
+    if r is not None:
+        rw.bad_pages, rw.bad_pages_total = list(r.bad_pages), r.bad_pages_total
+        rw.bad_chunks, rw.sha256_from = list(r.bad_chunks), r.sha256_from
+    return rw
+
+
+def _stamps(stamps: dict[str, float], v: VerifyResult) -> dict[str, float]:
+    """The handover's timeline: the journal's stamps (the steps before the kexec, kexec,
+    kexec_exec), then kernel_start, agent_start, restored, released, verified."""
+    out = dict(stamps)
+    for name, t in (("kernel_start", v.kernel_boot_time), ("agent_start", v.agent_start),
+                    ("restored", v.t_restored), ("released", v.t_released),
+                    ("verified", v.t_verified)):
+        if t is not None:
+            out[name] = t
+    return out
+
+
+def _capabilities(running: Optional[dict[str, Any]], snap: Optional[dict[str, Any]],
+                  incoming: Optional[IncomingTree]) -> tuple[Optional[Capabilities], list[str]]:
+    """The old kernel's capabilities (carried in its running-ABI record) and every line of
+    what was not checked: preflight's, a skipped snapshot, an incoming tree not walked."""
+    caps = None
+    notes: list[str] = []
+    if running is not None:
+        f = Fields(running, "journal: kernel_from")
+        raw = f.opt_dict("capabilities")
+        caps = None if raw is None else Capabilities.from_json(raw, f.at("capabilities"))
+        notes += f.list_of("not_checked", lambda x: isinstance(x, str), "a string")
+    if snap and isinstance(snap.get("skipped"), str):
+        notes.append(snap["skipped"])
+    if incoming is not None:
+        notes += [e for e in incoming.errors if e.startswith(INCOMING_NOT_WALKED)]
+    return caps, list(dict.fromkeys(notes))
 
 
 def _span(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -281,6 +372,7 @@ def handover_report(verify: Optional[VerifyResult], state: AgentState,
     jr = v.journal
     stamps = jr.stamps if jr is not None else {}
     workloads = _workloads(v)
+    results = {(r.session, r.token): r for r in v.results}
     # the staged kernel: this agent's own record of it, else the journal's (after a kexec
     # into a kernel whose state dir started empty)
     staged = (_read(_Staged, state.staged, "state: staged") if state.staged
@@ -306,6 +398,9 @@ def handover_report(verify: Optional[VerifyResult], state: AgentState,
         result = "incomplete"     # asked for before the handover was verified
 
     snap = jr.snapshot if jr is not None else None
+    caps, not_checked = _capabilities(
+        state.staged.get("running") if state.staged and state.staged.get("running")
+        else (jr.kernel_from if jr is not None else None), snap, v.incoming)
     return HandoverReport(
         host=(jr.host if jr is not None and jr.host else None) or host or os.uname().nodename,
         handover_id=(jr.handover_id if jr is not None and jr.handover_id else None)
@@ -321,16 +416,22 @@ def handover_report(verify: Optional[VerifyResult], state: AgentState,
             snapshot=RadixSnapshot.of_snapshot(snap, "journal: snapshot") if snap else None,
             incoming=(RadixIncoming.of_incoming(v.incoming) if v.incoming is not None
                       else None)),
-        workloads=[ReportWorkload.of_record(w) for w in workloads],
+        workloads=[_report_workload(w, results.get((w.session, w.token))) for w in workloads],
         downtime=Downtime(blackout_s=_span(t_exec, v.t_restored),
                           kexec_to_kernel_s=_span(t_exec, v.kernel_boot_time),
                           kernel_to_agent_s=_span(v.kernel_boot_time, v.agent_start),
-                          agent_to_restored_s=_span(v.agent_start, v.t_restored)),
+                          agent_to_restored_s=_span(v.agent_start, v.t_restored),
+                          restored_s=_span(t_exec, v.t_restored),
+                          verified_s=_span(t_exec, v.t_verified)),
         agent_kexec_s=jr.agent_kexec_s if jr is not None else None,
         journal=JournalSource(
             from_="memfd" if verify is not None and not v.journal_error
             else ("disk" if jr is not None else None),
             error=v.journal_error),
+        stamps=_stamps(stamps, v) if verify is not None else dict(stamps),
+        empty_sessions=list(jr.empty_sessions) if jr is not None else [],
+        sessions_lost=dict(v.sessions_lost),
+        capabilities=caps, not_checked=not_checked,
     )
 
 

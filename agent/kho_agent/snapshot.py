@@ -15,12 +15,13 @@ from .abi.fdt import FdtError
 from .abi.kho import KhoRoot, decode_kho_fdt
 from .abi.radix import RadixWalk, geometry, walk_radix
 from .abi.versions import UnsupportedAbi
+from .capabilities import INCOMING_NOT_WALKED, SNAPSHOT_SKIPPED
 from .errors import KhoAgentError
 from .inspect import InspectError, covered, find_kho_fdts
-from .kernel import Kernel
+from .kernel import Kernel, KernelError
 from .physmem import PhysicalMemory
 
-__all__ = ["outgoing_root", "take_snapshot", "read_incoming"]
+__all__ = ["outgoing_root", "take_snapshot", "incoming_fdt", "read_incoming"]
 
 
 def outgoing_root(kernel: Kernel, mem: PhysicalMemory) -> tuple[KhoRoot, str, Optional[int]]:
@@ -43,8 +44,10 @@ def outgoing_root(kernel: Kernel, mem: PhysicalMemory) -> tuple[KhoRoot, str, Op
                 want = decode_kho_fdt(blob, tolerant=True).memory_map_root
             except (FdtError, UnsupportedAbi) as e:
                 raise InspectError(f"debugfs kho/out/fdt unreadable: {e}") from None
+    # the incoming FDT (debugfs kho/in/fdt, or the boot protocol's on a production kernel)
+    # is not the outgoing one, whatever its tree looks like
     exclude: set[int] = set()
-    inb = kernel.read_debugfs("kho/in/fdt")
+    inb, _ = incoming_fdt(kernel)
     if inb:
         try:
             exclude.add(decode_kho_fdt(inb).memory_map_root)
@@ -77,9 +80,19 @@ def _summary(w: RadixWalk) -> dict:
 
 
 def take_snapshot(kernel: Kernel, workload_pfns: Optional[dict[str, list[int]]] = None) -> dict:
-    """Walk the live outgoing tree; say whether every workload PFN is in it."""
+    """Walk the live outgoing tree; say whether every workload PFN is in it.
+
+    Without any way into physical memory (/dev/mem refusing RAM and no /proc/kcore) the
+    snapshot is skipped, not failed: the record says so in `skipped` (the report's
+    not_checked), and the workloads are still checked by bytes and PFNs after the kexec.
+    """
     ps = kernel.page_size()
-    with kernel.open_physmem() as mem:
+    try:
+        live = kernel.open_physmem()
+    except KernelError as e:
+        return {"skipped": f"{SNAPSHOT_SKIPPED} ({e})", "root": None, "blocks": [],
+                "memory": None, "page_size": ps, "taken_at": time.time()}
+    with live as mem:
         root, source, phys = outgoing_root(kernel, mem)
         w = walk_radix(mem.read, root.memory_map_root, geometry(ps, root.compatible),
                        in_ram=mem.contains)
@@ -98,24 +111,38 @@ def take_snapshot(kernel: Kernel, workload_pfns: Optional[dict[str, list[int]]] 
 _MAX_FDT = 1 << 20     # a KHO root or sub FDT is a few KiB; anything larger is not one
 
 
-def _incoming_fdt(kernel: Kernel) -> tuple[Optional[bytes], str]:
-    """The incoming KHO root FDT and where it came from: debugfs when the kernel has it,
-    else the address the boot protocol handed over, read through physical memory."""
-    blob = kernel.read_debugfs("kho/in/fdt")
-    if blob:
-        return blob, "debugfs kho/in/fdt"
+def incoming_fdt(kernel: Kernel) -> tuple[Optional[bytes], str]:
+    """The incoming KHO root FDT and where it came from.
+
+    The boot protocol first (x86 setup_data, arm64 /chosen: every KHO kernel has it; the
+    address read through physical memory), so a production kernel and the lab's debug one
+    are read the same way; debugfs kho/in/fdt when that cannot be had (no physical-memory
+    access), and as a cross-check when both exist (a disagreement is named in the source).
+    """
+    debug = kernel.read_debugfs("kho/in/fdt")
     try:
         where = kernel.incoming_kho()
     except KhoAgentError as e:
-        return None, f"unreadable boot protocol entry: {e}"
+        return (debug, "debugfs kho/in/fdt") if debug else (
+            None, f"unreadable boot protocol entry: {e}")
     if where is None or not 0 < where.fdt_size <= _MAX_FDT:
-        return None, "none"
+        return (debug, "debugfs kho/in/fdt") if debug else (None, "none")
     try:
         with kernel.open_physmem() as mem:
             data = mem.read(where.fdt_addr, where.fdt_size)
     except (KhoAgentError, OSError) as e:
+        if debug:
+            return debug, f"debugfs kho/in/fdt ({where.source} FDT unreadable: {e})"
         return None, f"unreadable {where.source} FDT at 0x{where.fdt_addr:x}: {e}"
-    return data, f"{where.source} {where.path} (0x{where.fdt_addr:x}, via {mem.source})"
+    source = f"{where.source} {where.path} (0x{where.fdt_addr:x}, via {mem.source})"
+    if debug:
+        total = int.from_bytes(data[4:8], "big") if len(data) >= 8 else 0
+        same = 0 < total <= len(data) and data[:total] == debug[:total]
+        source += (", same as debugfs kho/in/fdt" if same
+                   else ", DIFFERS from debugfs kho/in/fdt (debugfs used)")
+        if not same:
+            return debug, source
+    return data, source
 
 
 def _subtree_blob(kernel: Kernel, root: Any, name: str) -> Optional[bytes]:
@@ -138,7 +165,7 @@ def read_incoming(kernel: Kernel, snapshot: Optional[dict]) -> dict:
     (not a KHO boot, or the handover FDT was refused -- e.g. an ABI mismatch).
     """
     from .abi.metadata import MetadataError, decode_metadata
-    blob, source = _incoming_fdt(kernel)
+    blob, source = incoming_fdt(kernel)
     if not blob:
         return {"present": False, "root": None, "intact": False, "valid_nodes": 0,
                 "errors": [("no incoming KHO FDT (neither debugfs kho/in/fdt nor the boot "
@@ -161,7 +188,15 @@ def read_incoming(kernel: Kernel, snapshot: Optional[dict]) -> dict:
         except MetadataError as e:
             md = {"error": str(e)}
     ps = kernel.page_size()
-    with kernel.open_physmem() as mem:
+    if snapshot is not None and snapshot.get("skipped"):
+        snapshot = None                   # no snapshot was taken: nothing to compare with
+    try:
+        live = kernel.open_physmem()
+    except KernelError as e:
+        return {"present": True, "compatible": root.compatible, "root": root.memory_map_root,
+                "intact": False, "valid_nodes": 0, "errors": [f"{INCOMING_NOT_WALKED} ({e})"],
+                "metadata": md, "matches_snapshot": None, "fdt_source": source}
+    with live as mem:
         w = walk_radix(mem.read, root.memory_map_root, geometry(ps, root.compatible),
                        in_ram=mem.contains)
     errors: list[str] = list(w.errors[:16])

@@ -159,10 +159,15 @@ def cmd_sim_handover(args: argparse.Namespace) -> int:
     import tempfile
 
     from .sim.handover import run_sim_handover
-    if args.fault and args.fault not in ALL_FAULTS:
-        raise CliError(f"--fault {args.fault!r}: known faults are " + ", ".join(ALL_FAULTS))
     if args.workload_mib < 1 or args.workload_mib > 4096:
         raise CliError(f"--workload-mib {args.workload_mib}: 1..4096")
+    if args.fault:
+        from .sim.faults import FaultError
+        from .sim.handover import check_sim_fault
+        try:
+            check_sim_fault(args.fault, args.workload_mib)
+        except FaultError as e:
+            raise CliError(f"--fault: {e}") from None
     if args.workdir:
         check_dir_option("--workdir", args.workdir)
     work = args.workdir or tempfile.mkdtemp(prefix="kho-sim-")
@@ -514,8 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
         sf.set_defaults(func=cmd_sim_fleet)
     sh = sim.add_parser("handover", help=_summary_line(cmd_sim_handover),
                         description=cmd_sim_handover.__doc__)
-    sh.add_argument("--fault", metavar="NAME",
-                    help=f"inject a fault ({', '.join(ALL_FAULTS)})")
+    sh.add_argument("--fault", metavar="NAME[@SESSION/TOKEN:OFFSET]",
+                    help=f"inject a fault ({', '.join(ALL_FAULTS)}); page faults may name "
+                    "their place, e.g. bitflip@vm-ram/0x1001:0x5000")
     sh.add_argument("--workload-mib", type=_int, default=64, metavar="N")
     sh.add_argument("--boot-timeout", type=_seconds, default=30.0, metavar="SECONDS")
     sh.add_argument("--workdir", metavar="DIR", help="keep the twin host here")

@@ -30,7 +30,8 @@ from .errors import InputError
 from .metrics import DOWNTIME_BUCKETS, handover_downtime
 from .statedb import HostRow, StateDB
 
-__all__ = ["SCHEMA", "percentile", "downtime_summary", "host_report_path", "controller_timings",
+__all__ = ["SCHEMA", "percentile", "downtime_summary", "host_report_path", "host_page_path",
+           "controller_timings",
            "AgentOutcome", "HostReport", "FleetHost",
            "write_host_report", "build_fleet_report", "render_markdown", "render_html",
            "write_fleet_report"]
@@ -149,6 +150,7 @@ class FleetHost:
     kernel_to: Optional[str] = None
     workloads: Optional[tuple[int, int]] = None   # (verified, total); None: no report
     report: Optional[str] = None              # hosts/<host>.json, when there is a report
+    arch: Optional[str] = None                # the inventory's kho_arch (None: unknown)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -158,7 +160,7 @@ class FleetHost:
             "kernel": {"from": self.kernel_from, "to": self.kernel_to},
             "workloads": (None if self.workloads is None else
                           {"verified": self.workloads[0], "total": self.workloads[1]}),
-            "report": self.report,
+            "report": self.report, "arch": self.arch,
         }
 
 
@@ -183,13 +185,22 @@ def _write_text(path: str, text: str) -> None:
     atomic_write(path, text.encode("utf-8"))
 
 
+def host_page_path(report_rel: str) -> str:
+    """hosts/<host>.html (hostpage.py), beside the host report hosts/<host>.json."""
+    return re.sub(r"\.json$", "", report_rel) + ".html"
+
+
 def write_host_report(out_dir: str, host: str, agent_report: Optional[dict],
                       controller: dict) -> str:
-    """Write hosts/<host>.json = {"host", "agent", "controller"}; returns its relative path."""
+    """Write hosts/<host>.json = {"host", "agent", "controller"} and its page hosts/<host>.html;
+    returns the JSON's relative path."""
+    from .hostpage import render_host_page
     rec = HostReport(host, agent_report, controller)
     rel = host_report_path(host)
-    _write_text(os.path.join(out_dir, rel),
-                json.dumps(rec.to_json(), indent=2, sort_keys=True) + "\n")
+    doc = rec.to_json()
+    _write_text(os.path.join(out_dir, rel), json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    _write_text(os.path.join(out_dir, host_page_path(rel)),
+                render_host_page(doc, os.path.basename(rel)))
     return rel
 
 
@@ -216,11 +227,11 @@ def _failure(db: StateDB, row: HostRow, rep: AgentOutcome) -> Optional[Failure]:
     return Failure(phase, row.error or "unknown")
 
 
-def _host(db: StateDB, row: HostRow, stage: str) -> FleetHost:
+def _host(db: StateDB, row: HostRow, stage: str, arch: Optional[str] = None) -> FleetHost:
     rec = HostReport(row.name, row.report)
     rep = rec.outcome() or AgentOutcome()
     return FleetHost(
-        name=row.name, stage=stage, state=row.state, result=_result(row, rep),
+        name=row.name, stage=stage, state=row.state, result=_result(row, rep), arch=arch,
         failure=_failure(db, row, rep),
         downtime_s=None if row.downtime_s is None else round(row.downtime_s, 6),
         blackout_s=rep.blackout_s, kernel_from=rep.kernel_from, kernel_to=rep.kernel_to,
@@ -238,13 +249,31 @@ def _downtimes(hosts: list[FleetHost]) -> list[float]:
     return out
 
 
-def build_fleet_report(db: StateDB, target: Optional[str] = None) -> dict:
-    """The fleet report of `db`'s rollout; `target` defaults to the reports' kernel.to release."""
+def _inventory_arches(ro: Any) -> dict[str, str]:
+    """Each host's kho_arch from the rollout's inventory, if that file is still the one the
+    rollout started with (same sha256); {} otherwise (the report then says no arch)."""
+    from kho_agent.digest import sha256_file
+
+    from .inventory import load_inventory
+    path, pin = getattr(ro, "inventory_path", None), getattr(ro, "inventory_sha256", None)
+    try:
+        if not path or not pin or sha256_file(path) != pin:
+            return {}
+        return {n: h.arch for n, h in load_inventory(path).hosts.items()}
+    except (InputError, OSError, ValueError):
+        return {}
+
+
+def build_fleet_report(db: StateDB, target: Optional[str] = None,
+                       arches: Optional[dict[str, str]] = None) -> dict:
+    """The fleet report of `db`'s rollout; `target` defaults to the reports' kernel.to release;
+    `arches` (host: kho_arch) to the rollout's inventory's, when it is unchanged."""
     ro = db.rollout()
     stages = db.stages()
     names = {s.idx: s.name for s in stages}
     rows = db.hosts()
-    hosts = [_host(db, r, names[r.stage_idx]) for r in rows]
+    arch = _inventory_arches(ro) if arches is None else arches
+    hosts = [_host(db, r, names[r.stage_idx], arch.get(r.name)) for r in rows]
     if target is None:
         releases = Counter(h.kernel_to for h in hosts if h.kernel_to)
         target = releases.most_common(1)[0][0] if releases else None
@@ -336,18 +365,21 @@ def _stage_cells(s: dict) -> list[str]:
 
 _STAGE_COLS = ["stage", "status", "hosts", "succeeded", "failed", "skipped", "gate",
                "downtime p50", "p95", "max"]
-_HOST_COLS = ["host", "stage", "state", "result", "downtime", "agent blackout", "kernel",
-              "workloads", "report"]
+_HOST_COLS = ["host", "stage", "state", "result", "downtime", "agent blackout", "arch",
+              "kernel", "workloads", "report"]
 
 
 def _host_cells(h: dict) -> list[str]:
     return [h["name"], h["stage"], h["state"], h["result"] or "—", _s(h["downtime_s"]),
-            _s(h["blackout_s"]), _kernel(h["kernel"]), _workloads(h["workloads"])]
+            _s(h["blackout_s"]), h.get("arch") or "—", _kernel(h["kernel"]),
+            _workloads(h["workloads"])]
 
 
 def _md_table(cols: list[str], rows: list[list[str]],
-              links: Optional[dict[int, str]] = None) -> list[str]:
-    """A Markdown table; `links` {row: relative path} makes that row's last cell a link."""
+              links: Optional[dict[int, str]] = None,
+              first_links: Optional[dict[int, str]] = None) -> list[str]:
+    """A Markdown table; `links` {row: relative path} makes that row's last cell a link,
+    `first_links` its first cell."""
     def cell(v: str) -> str:
         return html.escape(" ".join(str(v).split()), quote=False).replace("|", "\\|")
     out = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
@@ -355,6 +387,8 @@ def _md_table(cols: list[str], rows: list[list[str]],
         cells = [cell(c) for c in r]
         if links and i in links:
             cells[-1] = f"[{cells[-1]}]({links[i]})"      # host_report_path: URL-safe
+        if first_links and i in first_links:
+            cells[0] = f"[{cells[0]}]({first_links[i]})"
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -382,7 +416,9 @@ def render_markdown(fleet: dict, out_dir: Optional[str] = None) -> str:
     out += ["", "## Hosts", ""] + _md_table(
         _HOST_COLS, [_host_cells(h) + [h["report"] or "—"] for h in fleet["hosts"]],
         links={i: h["report"] for i, h in enumerate(fleet["hosts"])
-               if _linked(h["report"], out_dir)})
+               if _linked(h["report"], out_dir)},
+        first_links={i: host_page_path(h["report"]) for i, h in enumerate(fleet["hosts"])
+                     if h["report"] and _linked(host_page_path(h["report"]), out_dir)})
     out += ["", "## Failures", ""]
     if fleet["failures"]:
         out += _md_table(["host", "stage", "phase", "reason"],
@@ -479,6 +515,9 @@ def render_html(fleet: dict, out_dir: Optional[str] = None) -> str:
     for h in fleet["hosts"]:
         cells = [_td(c, h["result"] if i == 3 else None) for i, c in enumerate(_host_cells(h))]
         rel = h["report"]
+        page = host_page_path(rel) if rel else None
+        if _linked(page, out_dir):
+            cells[0] = f'<td><a href="{e(page or "")}">{e(h["name"])}</a></td>'
         if _linked(rel, out_dir):
             cells.append(f'<td><a href="{e(rel)}">{e(rel)}</a></td>')
         else:

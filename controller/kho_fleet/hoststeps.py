@@ -88,11 +88,21 @@ class HostSteps:
         return step_timeout(self.pb, self.host, which)
 
     def values(self) -> dict[str, Any]:
-        """The named arguments of the lifecycle's agent steps (the files are pushed)."""
-        art, t = self.art, self.pb.target
-        return {"kernel": self.acc.push(art.kernel), "spec": self.acc.push(art.spec),
-                "initrd": self.acc.push(art.initrd) if art.initrd else None,
-                "page_size": self.host.page_size, "sha256": t.sha256, "cmdline": t.cmdline}
+        """The named arguments of the lifecycle's agent steps (the files are pushed): the
+        kernel of the host's architecture (kho_arch), unpacked to what kexec_file_load takes,
+        with the sha256 of that file."""
+        arch = self.host.arch
+        t, k = self.pb.target_for(arch), self.art.kernel_for(arch)
+        if t is None or k is None:          # assign_hosts refuses this before a rollout starts
+            raise HostFailed("preflight", f"host {self.host.name!r} has kho_arch: {arch}, and "
+                             f"the playbook names no {arch} kernel")
+        return {"kernel": self.acc.push(k.path), "spec": self.acc.push(self.art.spec),
+                "initrd": self.acc.push(t.initrd) if t.initrd else None,
+                "page_size": self.host.page_size, "sha256": k.sha256, "cmdline": t.cmdline,
+                "release_before_verify": self.pb.release_before_verify,
+                # the playbook's kexec_method wins over the host's kho_kexec_method
+                "kexec_method": self.pb.kexec_method or self.host.kexec_method,
+                "allow_fdstore_loss": self.pb.allow_fdstore_loss}
 
     def agent(self, step: str, *args: str, timeout: float = 300.0) -> AgentCall:
         """Run one agent step; HostFailed unless it exited 0 (with the agent's report when

@@ -143,6 +143,10 @@ HOST_VARS: tuple[HostVar, ...] = (
             ("kho-v2", "kho-v3", "kho-v4")),
     HostVar("kho_site", "str", "default",
             "the site whose workers drive the host (temporal engine)"),
+    HostVar("kho_kexec_method", "choice", "auto",
+            "how the agent kexecs: auto (systemctl kexec when PID 1 is systemd >= 262, else "
+            "kexec -e), systemd, direct; a playbook's kexec_method overrides it",
+            ("auto", "systemd", "direct")),
 )
 _VARS = {v.name: v for v in HOST_VARS}
 
@@ -289,6 +293,7 @@ class Host:
     sim_boot_delay = _accessor("kho_sim_boot_delay")
     sim_release = _accessor("kho_sim_release")
     sim_kho = _accessor("kho_sim_kho")
+    kexec_method = _accessor("kho_kexec_method")
 
     @property
     def address(self) -> str:

@@ -114,6 +114,23 @@ def _kernel(args: argparse.Namespace, given: Optional[str]) -> Path:
     return Path(rec["path"])
 
 
+def _arch_kernel(args: argparse.Namespace, kernel: Path) -> Path:
+    """`kernel`, checked to be for --arch (kho_agent.kimage reads its header)."""
+    from kho_agent.kimage import inspect_kernel_image
+    arch = getattr(args, "arch", "x86_64")
+    try:
+        got = inspect_kernel_image(str(kernel)).arch
+    except OSError as e:
+        raise LabCliError(f"--kernel {kernel}: {e.strerror}") from None
+    if got is not None and got != arch:
+        raise LabCliError(f"--kernel {kernel} is an {got} kernel: --arch {arch} boots "
+                          + ("an arm64 Image (e.g. ../shared/lab/arm64/Image-7.2.13-kho)"
+                             if arch == "arm64" else "an x86_64 bzImage"))
+    if arch == "arm64" and got is None:
+        raise LabCliError(f"--kernel {kernel}: not an arm64 Image (no \"ARM\\x64\" header)")
+    return kernel
+
+
 def cmd_build_kernel(args: argparse.Namespace) -> int:
     """Build the lab kernel from a Linux tree (--source), or record a prebuilt one (--kernel)."""
     from kho_fleet.lab.kbuild import build_kernel, record_kernel
@@ -123,11 +140,19 @@ def cmd_build_kernel(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise LabCliError(f"--jobs {args.jobs}: must be >= 1")
     if args.kernel:
-        rec = record_kernel(args.kernel, args.kernels)
+        if args.configure_only:
+            raise LabCliError("--configure-only needs --source DIR (there is nothing to "
+                              "configure for a prebuilt --kernel)")
+        rec = record_kernel(args.kernel, args.kernels, make_default=not args.keep_default)
     else:
         with _Progress(f"building the lab kernel in {args.source}") as p:
             rec = build_kernel(args.source, args.kernels, args.config, build_dir=args.build_dir,
-                               jobs=args.jobs, note=p.note)
+                               jobs=args.jobs, note=p.note, configure_only=args.configure_only,
+                               make_default=not args.keep_default)
+        if args.configure_only:
+            _emit(args, rec, [(f"{rec['config']}: all {rec['options']} settings of "
+                               f"{rec['fragment']} survived olddefconfig")])
+            return 0
     _emit(args, rec, [(f"{rec['path']}  {rec['release']} {rec['kho']} {rec['luo']} "
                        f"{rec['memfd']}"), f"sha256 {rec['sha256']}"])
     return 0
@@ -137,19 +162,26 @@ def cmd_build_rootfs(args: argparse.Namespace) -> int:
     """Build (or find cached) the guests' Debian ext4 image with the kernels in /boot."""
     from kho_fleet.lab.guest import lab_key
     from kho_fleet.lab.rootfs import build_rootfs, cached_rootfs
+    if args.arch != "x86_64" and not args.kernel:
+        raise LabCliError(f"--arch {args.arch} needs --kernel PATH (the recorded lab kernel "
+                          "is x86_64)")
     kernels = [_kernel(args, k) for k in (args.kernel or [None])]
+    _arch_kernel(args, kernels[0])
     extra = kernels[1:] + [Path(k) for k in args.extra_kernel or []]
     for k in extra:
         if not k.is_file():
             raise LabCliError(f"kernel not found: {k}")
     key = lab_key(args.cache)
-    cached = cached_rootfs(args.cache, kernels[0], key.public, extra_kernels=extra) is not None
+    cached = cached_rootfs(args.cache, kernels[0], key.public, extra_kernels=extra,
+                           suite=args.suite, arch=args.arch) is not None
     t0 = time.monotonic()
-    with _Progress("root filesystem") as p:
+    with _Progress(f"root filesystem ({args.suite})") as p:
         if not cached:
             p.note("building: debootstrap (~1 min, once) and mkfs.ext4 -d")
-        image = build_rootfs(args.cache, kernels[0], key.public, extra_kernels=extra)
-    data = {"image": str(image), "cached": cached, "seconds": round(time.monotonic() - t0, 3),
+        image = build_rootfs(args.cache, kernels[0], key.public, extra_kernels=extra,
+                             suite=args.suite, arch=args.arch)
+    data = {"image": str(image), "cached": cached, "suite": args.suite,
+            "seconds": round(time.monotonic() - t0, 3),
             "kernels": [str(k) for k in [kernels[0], *extra]], "key": str(key.path)}
     _emit(args, data, [str(image)])
     return 0
@@ -160,13 +192,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     from kho_fleet.lab.fleet import LabFleet, check_qemu
     if args.n < 1 or args.n > 16:
         raise LabCliError(f"N {args.n}: the lab runs 1..16 guests")
-    kernel = _kernel(args, args.kernel)
-    check_qemu()
+    if args.arch != "x86_64" and not args.kernel:
+        raise LabCliError(f"--arch {args.arch} needs --kernel PATH (the recorded lab kernel "
+                          "is x86_64)")
+    kernel = _arch_kernel(args, _kernel(args, args.kernel))
+    check_qemu(args.arch)
     fleet = LabFleet(args.workdir)
     with _Progress(f"lab up {args.n}") as p:
         res = fleet.up(args.n, kernel, cache=args.cache, extra_kernels=args.extra_kernel or [],
                        inventory=args.inventory, memory_mib=args.memory, smp=args.smp,
-                       boot_timeout=args.boot_timeout, note=p.note)
+                       boot_timeout=args.boot_timeout, suite=args.suite, note=p.note,
+                       arch=args.arch)
     lines = [f"{g['name']:<8} pid {g['pid']:<8} ssh 127.0.0.1:{g['port']:<6} {g['release']:<18} "
              f"booted in {g['boot_s']:.1f}s" for g in res["guests"]]
     lines.append(f"inventory {res['inventory']} (known_hosts {res['known_hosts']})")
@@ -248,8 +284,14 @@ def add_lab_parser(sub: Any) -> argparse.ArgumentParser:
     bk.add_argument("--kernel", metavar="PATH", help="a prebuilt bzImage to record instead")
     bk.add_argument("--out", dest="kernels", type=Path, default=d["kernels"], metavar="DIR",
                     help="where the image and its record go (default %(default)s)")
-    bk.add_argument("--config", type=Path, default=d["config"], metavar="FILE",
-                    help="config fragment (default %(default)s)")
+    bk.add_argument("--fragment", "--config", dest="config", type=Path, default=d["config"],
+                    metavar="FILE", help="config fragment, e.g. ../shared/lab/kho-prod.config "
+                    "(default %(default)s)")
+    bk.add_argument("--configure-only", action="store_true",
+                    help="stop after olddefconfig and the fragment check (no bzImage)")
+    bk.add_argument("--keep-default", action="store_true",
+                    help="record the kernel as a kexec target only; `up` keeps booting the "
+                    "current default")
     bk.add_argument("--build-dir", type=Path, metavar="DIR", help="O= directory (default SOURCE/B)")
     bk.add_argument("--jobs", type=int, default=3, metavar="N", help="make -jN (default 3)")
 
@@ -259,6 +301,12 @@ def add_lab_parser(sub: Any) -> argparse.ArgumentParser:
                          "(default: the recorded lab kernel)")
     br.add_argument("--extra-kernel", action="append", metavar="PATH",
                     help="more kernels for /boot (kexec targets)")
+    br.add_argument("--suite", choices=("bookworm", "sid"), default="bookworm",
+                    help="Debian suite of the guests (sid: systemd >= 262, systemd-networkd; "
+                         "default %(default)s)")
+    br.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                    help="arm64: foreign debootstrap here, second stage in a first guest boot "
+                         "(~17 min under TCG, once; needs --kernel)")
 
     up = add("up", cmd_up)
     up.add_argument("n", type=int, metavar="N", help="number of guests (lab-1..lab-N)")
@@ -270,6 +318,11 @@ def add_lab_parser(sub: Any) -> argparse.ArgumentParser:
     up.add_argument("--memory", type=int, default=1024, metavar="MIB", help="RAM per guest")
     up.add_argument("--smp", type=int, default=2, metavar="N", help="vCPUs per guest")
     up.add_argument("--boot-timeout", type=float, default=240.0, metavar="SECONDS")
+    up.add_argument("--suite", choices=("bookworm", "sid"), default="bookworm",
+                    help="Debian suite of the guests' root filesystem (default %(default)s)")
+    up.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                    help="guest architecture (arm64: qemu-system-aarch64 -M virt -cpu max, "
+                         "TCG; needs --kernel; inventory kho_arch: arm64)")
 
     add("status", cmd_status)
     add("down", cmd_down)

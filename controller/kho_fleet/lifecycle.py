@@ -63,18 +63,22 @@ LIFECYCLE: tuple[Step, ...] = (
     Step("begin", ("pending",), "preflight", kind="begin", phase="preflight", in_dry_run=True),
     Step("preflight", ("preflight",), None, in_dry_run=True,
          args=(("--kernel", "kernel"), ("--spec", "spec"), ("--page-size", "page_size"),
-               ("--initrd", "initrd"))),
+               ("--initrd", "initrd"), ("--kexec-method", "kexec_method"),
+               ("--allow-fdstore-loss", "allow_fdstore_loss"))),
     Step("stage", ("preflight",), "staged", abort_point=True,
          args=(("--kernel", "kernel"), ("--initrd", "initrd"), ("--sha256", "sha256"),
                ("--cmdline", "cmdline"))),
     Step("preserve", ("staged",), "preserved", args=(("--spec", "spec"),)),
     Step("snapshot", ("preserved",), "snapshotted"),
-    Step("kexec", ("snapshotted",), "kexec_sent", args=(("--yes", None),), timeout="kexec",
+    Step("kexec", ("snapshotted",), "kexec_sent", timeout="kexec",
+         args=(("--yes", None), ("--kexec-method", "kexec_method"),
+               ("--allow-fdstore-loss", "allow_fdstore_loss")),
          repeatable=False, commit_first="kexec_requested", abort_point=True,
          unreachable_ok=True),
     Step("wait_back", ("kexec_requested", "kexec_sent", "down"), "up", kind="wait_back",
          timeout="boot", phase="boot"),
-    Step("verify", ("up",), "verified", timeout="verify", report_on_failure=True),
+    Step("verify", ("up",), "verified", timeout="verify", report_on_failure=True,
+         args=(("--release-before-verify", "release_before_verify"),)),
     Step("report", ("verified",), "reported", kind="finish", report_on_failure=True),
 )
 _BY_NAME = {s.name: s for s in LIFECYCLE}
@@ -120,14 +124,17 @@ def happy_path() -> tuple[str, ...]:
 
 
 def agent_argv(s: Step, values: Mapping[str, object]) -> list[str]:
-    """The step's agent arguments; a value of None leaves its flag out."""
+    """The step's agent arguments; a value of None (or False) leaves its flag out, True
+    gives the bare flag."""
     argv: list[str] = []
     for flag, key in s.args:
         if key is None:
             argv.append(flag)
             continue
         v = values.get(key)
-        if v is not None:
+        if v is True:
+            argv.append(flag)
+        elif v is not None and v is not False:
             argv += [flag, str(v)]
     return argv
 

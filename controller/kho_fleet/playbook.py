@@ -7,12 +7,20 @@
       sha256: 72df46...             # required for a file; optional for twin:
       initrd: initrd.img            # optional, with optional initrd_sha256
       cmdline: reuse                # reuse (the running kernel's) or a literal command line
+    # or, for a fleet of several architectures, one kernel per kho_arch (instead of kernel:):
+    #   target:
+    #     kernels:
+    #       x86_64: {path: ../images/bzImage, sha256: 72df46...}
+    #       arm64:  {path: ../images/Image.gz, sha256: 0c1d2e...}  # + initrd, cmdline
+    #     cmdline: reuse            # the default of every kernels entry
     workloads:                      # the agent's spec (kho_agent.workload)
       sessions: [{name: vm-ram, memfds: [{token: 0x1001, size: 64MiB, seed: 1}]}]
     stages:
       - {name: canary, hosts: 1, gate: {max_downtime_p95_s: 20}, pause: manual}
       - {name: rest, max_parallel: 4}
     on_failure: halt                # halt | continue | rollback
+    release_before_verify: false    # true: memfds go back to waiting workloads before
+                                    # their bytes are checked (verify --release-before-verify)
     timeouts: {ssh_s: 30, boot_s: 300, verify_s: 120}
 
 Decisions:
@@ -37,6 +45,14 @@ Decisions:
 - Gates are judged per stage, over that stage's hosts. Defaults: min_success_ratio 1.0,
   all_workloads_verified true, no downtime or failed-host limit. `pause` (seconds, or
   `manual` for an operator's go-ahead) is waited after a stage passes its gate.
+- `kernels:` names one kernel per architecture (keys as the inventory's kho_arch: x86_64,
+  arm64; amd64/aarch64 accepted). A play host whose kho_arch has no entry is refused when
+  hosts are assigned (before anything is built or touched), naming the host and its arch.
+  `Playbook.check_files()` hashes every image against its pin and reads its header
+  (kho_agent.kimage): an image whose architecture or page size is not its hosts' is refused
+  too, for `kernel:` as well (a single x86_64 bzImage cannot go to a kho_arch: arm64 host).
+  Compressed arm64 images (Image.gz, EFI zboot vmlinuz) are turned into the raw Image
+  kexec_file_load takes by the controller (artifacts.py); the pin is of the file given.
 - Every error is one line: `file:line: field: problem` (PlaybookError).
 """
 
@@ -51,17 +67,21 @@ from fractions import Fraction
 from typing import Any, Optional, Union
 
 from kho_agent.digest import sha256_file
+from kho_agent.kimage import KernelImageInfo, inspect_kernel_image
 from kho_agent.workload import SpecError, WorkloadSpec, parse_spec
 
 from .errors import InputError
 from .inventory import MAX_HOSTS, MAX_SECONDS, Inventory, InventoryError
+from .rawkernel import check_unpacks
 from .yamldoc import YamlDoc, load_yaml, one_line
 
 __all__ = ["PlaybookError", "Target", "Gate", "Stage", "Timeouts", "Playbook", "load_playbook",
-           "TWIN_SCHEME", "ON_FAILURE"]
+           "TWIN_SCHEME", "ON_FAILURE", "ARCHES"]
 
 TWIN_SCHEME = "twin:"
 ON_FAILURE = ("halt", "continue", "rollback")
+ARCHES = ("x86_64", "arm64")                            # the inventory's kho_arch values
+_ARCH_ALIASES = {"amd64": "x86_64", "aarch64": "arm64"}
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _RELEASE = re.compile(r"^[A-Za-z0-9._+\-]+$")
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
@@ -83,7 +103,10 @@ class PlaybookError(InputError, ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """The kernel to kexec: a pinned file, or a twin image built on demand."""
+    """The kernel to kexec: a pinned file, or a twin image built on demand.
+
+    `arch` is the `target.kernels` key it was given under (None: the single `kernel:` form,
+    for every host)."""
 
     kernel: str                       # absolute path, or "twin:<release>"
     sha256: Optional[str] = None      # lower-case hex
@@ -91,6 +114,7 @@ class Target:
     initrd_sha256: Optional[str] = None
     cmdline: Optional[str] = None     # None = reuse the running kernel's
     where: dict = field(default_factory=dict, compare=False, repr=False)
+    arch: Optional[str] = None
 
     @property
     def is_twin(self) -> bool:
@@ -100,24 +124,51 @@ class Target:
     def twin_release(self) -> Optional[str]:
         return self.kernel[len(TWIN_SCHEME):] if self.is_twin else None
 
-    def check_files(self) -> None:
-        """Hash the kernel (and initrd) files against their pins; PlaybookError if not."""
+    def field_name(self, key: str) -> str:
+        """The playbook field of `key` ("kernel", "sha256", ...): target.kernel, or
+        target.kernels.arm64.path in the per-architecture form."""
+        if self.arch is None:
+            return f"target.{key}"
+        return f"target.kernels.{self.arch}.{'path' if key == 'kernel' else key}"
+
+    def check_files(self) -> Optional[KernelImageInfo]:
+        """Hash the kernel (and initrd) files against their pins; PlaybookError if not.
+
+        Returns what kimage reads of the kernel file (None for a twin image); an image for
+        another architecture than its `kernels:` key is refused."""
         for what, path, pin in (("kernel", self.kernel, self.sha256),
                                 ("initrd", self.initrd, self.initrd_sha256)):
             if path is None or (what == "kernel" and self.is_twin):
                 continue
             try:
                 if not stat.S_ISREG(os.stat(path).st_mode):     # a FIFO or device would hang
-                    raise PlaybookError(f"{self.where[what]}: target.{what}: {path}: not a "
-                                        "regular file")
+                    raise PlaybookError(f"{self.where[what]}: {self.field_name(what)}: {path}: "
+                                        "not a regular file")
                 got = sha256_file(path)
             except OSError as e:
-                raise PlaybookError(f"{self.where[what]}: target.{what}: {path}: "
+                raise PlaybookError(f"{self.where[what]}: {self.field_name(what)}: {path}: "
                                     f"{e.strerror}") from None
             if pin is not None and got != pin:
                 key = "sha256" if what == "kernel" else "initrd_sha256"
-                raise PlaybookError(f"{self.where.get(key, self.where[what])}: target.{key}: "
-                                    f"{path} has sha256 {got}, the playbook pins {pin}")
+                raise PlaybookError(f"{self.where.get(key, self.where[what])}: "
+                                    f"{self.field_name(key)}: {path} has sha256 {got}, the "
+                                    f"playbook pins {pin}")
+        if self.is_twin:
+            return None
+        try:
+            info = inspect_kernel_image(self.kernel)
+        except OSError as e:
+            raise PlaybookError(f"{self.where['kernel']}: {self.field_name('kernel')}: "
+                                f"{self.kernel}: {e.strerror}") from None
+        where = f"{self.where['kernel']}: {self.field_name('kernel')}"
+        if self.arch is not None and info.arch is not None and info.arch != self.arch:
+            raise PlaybookError(f"{where}: {self.kernel} is an {info.arch} kernel "
+                                f"({info.format}), not {self.arch}")
+        try:
+            check_unpacks(self.kernel, where)      # a compressed arm64 image must unpack
+        except InputError as e:
+            raise PlaybookError(str(e)) from None
+        return info
 
 
 @dataclass(frozen=True)
@@ -166,6 +217,54 @@ class Playbook:
     timeouts: Timeouts = field(default_factory=Timeouts)
     sha256: str = ""
     where: dict = field(default_factory=dict, repr=False)
+    kernels: dict[str, Target] = field(default_factory=dict)   # per arch; {} = `kernel:` form
+    release_before_verify: bool = False     # verify --release-before-verify
+    kexec_method: Optional[str] = None      # auto | systemd | direct; None: the inventory's
+    allow_fdstore_loss: bool = False        # a direct kexec may lose other units' FD stores
+
+    def target_for(self, arch: str) -> Optional[Target]:
+        """The kernel for hosts of `arch` (None: the playbook names none for it)."""
+        return self.kernels.get(arch) if self.kernels else self.target
+
+    def targets(self) -> list[Target]:
+        """Every kernel the playbook names, in playbook order."""
+        return list(self.kernels.values()) if self.kernels else [self.target]
+
+    def check_files(self, inventory: Optional[Inventory] = None) -> dict[str, KernelImageInfo]:
+        """Hash every kernel (and initrd) against its pin and read its header; with the
+        inventory, refuse a play host whose kernel is for another architecture or page size
+        (one line naming the host). Returns kimage's reading of each file kernel by arch
+        ("*" for the single `kernel:` form)."""
+        infos: dict[str, KernelImageInfo] = {}
+        for t in self.targets():
+            info = t.check_files()
+            if info is not None:
+                infos[t.arch or "*"] = info
+        if inventory is None:
+            return infos
+        for h in self._play(inventory):
+            ht = self.target_for(h.arch)
+            info = infos.get((ht.arch or "*") if ht is not None else "")
+            if ht is None or info is None:
+                continue
+            where = f"{ht.where['kernel']}: {ht.field_name('kernel')}: {ht.kernel}"
+            if info.arch is not None and info.arch != h.arch:
+                raise PlaybookError(
+                    f"{where} is an {info.arch} kernel, but host {h.name!r} has kho_arch: "
+                    f"{h.arch} in {inventory.path} (name one kernel per architecture under "
+                    "target.kernels)")
+            if info.page_size is not None and info.page_size != h.page_size:
+                raise PlaybookError(
+                    f"{where} has {info.page_size}-byte pages, but host {h.name!r} has "
+                    f"kho_page_size: {h.page_size} in {inventory.path} (live update between "
+                    "page sizes is not supported)")
+        return infos
+
+    def _play(self, inventory: Inventory) -> list:
+        try:
+            return inventory.hosts_matching(self.hosts)
+        except InventoryError as e:
+            raise PlaybookError(f"{self.where['hosts']}: hosts: {e}") from None
 
     def assign_hosts(self, inventory: Inventory) -> list[list[str]]:
         """Host names per stage (index-aligned with `stages`), in inventory order."""
@@ -176,14 +275,19 @@ class Playbook:
         if not play:
             raise PlaybookError(f"{self.where['hosts']}: hosts: {self.hosts!r} matches no "
                                 f"host in {inventory.path}")
-        if self.target.is_twin:
-            for n in play:
-                h = inventory.hosts[n]
-                if h.transport != "sim" and not h.twin_root:     # twins may sit behind sshd
-                    raise PlaybookError(
-                        f"{self.target.where['kernel']}: target.kernel: {self.target.kernel} "
-                        f"is a twin image, but host {n!r} has kho_transport: "
-                        f"{inventory.hosts[n].transport} (twin images go to sim hosts only)")
+        for n in play:
+            h = inventory.hosts[n]
+            t = self.target_for(h.arch)
+            if t is None:
+                raise PlaybookError(
+                    f"{self.where.get('kernels', self.where['hosts'])}: target.kernels: host "
+                    f"{n!r} has kho_arch: {h.arch} in {inventory.path}, and the playbook names "
+                    f"no {h.arch} kernel (it names: {', '.join(self.kernels)})")
+            if t.is_twin and h.transport != "sim" and not h.twin_root:  # twins may sit behind sshd
+                raise PlaybookError(
+                    f"{t.where['kernel']}: {t.field_name('kernel')}: {t.kernel} "
+                    f"is a twin image, but host {n!r} has kho_transport: "
+                    f"{inventory.hosts[n].transport} (twin images go to sim hosts only)")
         need = self.workloads.total_bytes
         for n in play:                      # a twin's RAM is known: the workloads must fit
             h = inventory.hosts[n]
@@ -223,8 +327,11 @@ class Playbook:
         return out
 
 
-_TOP = ("name", "hosts", "target", "workloads", "stages", "on_failure", "timeouts")
-_TARGET = ("kernel", "sha256", "initrd", "initrd_sha256", "cmdline")
+_TOP = ("name", "hosts", "target", "workloads", "stages", "on_failure", "timeouts",
+        "release_before_verify", "kexec_method", "allow_fdstore_loss")
+KEXEC_METHODS = ("auto", "systemd", "direct")
+_TARGET = ("kernel", "kernels", "sha256", "initrd", "initrd_sha256", "cmdline")
+_ARCH_TARGET = ("path", "sha256", "initrd", "initrd_sha256", "cmdline")
 _STAGE = ("name", "hosts", "max_parallel", "gate", "pause")
 _GATE = ("min_success_ratio", "max_downtime_p95_s", "all_workloads_verified", "max_failed_hosts")
 _TIMEOUTS = ("ssh_s", "boot_s", "verify_s")
@@ -293,54 +400,107 @@ class _Checker:
         if not isinstance(hosts, str) or not _PATTERN.match(hosts) or len(hosts) > MAX_TEXT:
             doc.fail(("hosts",), f"must be an inventory pattern like 'all' or 'rack-a,rack-b', "
                                  f"got {_short(hosts)} (at most {MAX_TEXT} characters)")
-        target = self.target(top["target"])
+        target, kernels = self.targets(top["target"])
         workloads = self.workloads(top.get("workloads"))
         stages = self.stages(top["stages"])
         on_failure = top.get("on_failure", "halt")
         if on_failure not in ON_FAILURE:
             doc.fail(("on_failure",), "must be one of " + ", ".join(ON_FAILURE)
                      + f", got {_short(on_failure)}")
+        rbv = top.get("release_before_verify", False)
+        if not isinstance(rbv, bool):
+            doc.fail(("release_before_verify",), f"must be true or false, got {_short(rbv)}")
+        km = top.get("kexec_method")
+        if km is not None and km not in KEXEC_METHODS:
+            doc.fail(("kexec_method",), "must be one of " + ", ".join(KEXEC_METHODS)
+                     + f", got {_short(km)}")
+        afl = top.get("allow_fdstore_loss", False)
+        if not isinstance(afl, bool):
+            doc.fail(("allow_fdstore_loss",), f"must be true or false, got {_short(afl)}")
         t = doc.mapping(("timeouts",), top.get("timeouts"), _TIMEOUTS)
         timeouts = Timeouts(**{k: self.seconds(("timeouts", k), v) for k, v in t.items()})
         where = {"hosts": self.where(("hosts",)) if "hosts" in top else f"{doc.path}:1",
-                 "workloads": self.where(("workloads",))}
+                 "workloads": self.where(("workloads",)),
+                 "kernels": self.where(("target", "kernels"))}
         return Playbook(doc.path, name, hosts, target, workloads, stages, on_failure, timeouts,
-                        where=where)
+                        where=where, kernels=kernels, release_before_verify=rbv,
+                        kexec_method=km, allow_fdstore_loss=afl)
 
-    def target(self, raw: Any) -> Target:
+    def targets(self, raw: Any) -> tuple[Target, dict[str, Target]]:
+        """target: the single `kernel:` form, or `kernels:` {arch: {path, sha256, ...}}
+        (returns the first of those as the Playbook's `target`)."""
         doc = self.doc
-        t = doc.mapping(("target",), raw, _TARGET, required=("kernel",))
-        kp = ("target", "kernel")
+        t = doc.mapping(("target",), raw, _TARGET)
+        if "kernels" not in t:
+            return self.target(t), {}
+        for k in ("kernel", "sha256", "initrd", "initrd_sha256"):
+            if k in t:
+                doc.fail(("target", k), "give it inside each target.kernels entry (kernels: "
+                                        "names one kernel per architecture), not beside it")
+        raw_k = t["kernels"]
+        kp = ("target", "kernels")
+        if not isinstance(raw_k, dict) or not raw_k:
+            doc.fail(kp, "must be a mapping of architectures (x86_64, arm64) to "
+                         f"{{path, sha256}}, got {_short(raw_k)}")
+        out: dict[str, Target] = {}
+        for key, entry in raw_k.items():
+            arch = _ARCH_ALIASES.get(str(key), str(key))
+            if arch not in ARCHES:
+                doc.fail(kp + (key,), f"unknown architecture {_short(key)} (one of "
+                                      f"{', '.join(ARCHES)}, as kho_arch in the inventory)",
+                         key=True)
+            if arch in out:
+                doc.fail(kp + (key,), f"{arch} is named twice", key=True)
+            e = doc.mapping(kp + (key,), entry, _ARCH_TARGET, required=("path",))
+            mapped = {("kernel" if k == "path" else k): v for k, v in e.items()}
+            if "cmdline" not in mapped and "cmdline" in t:
+                mapped["cmdline"] = t["cmdline"]
+            out[arch] = self.target(mapped, kp + (key,), arch)
+        return next(iter(out.values())), out
+
+    def target(self, t: dict, base: tuple = ("target",), arch: Optional[str] = None) -> Target:
+        """One kernel: `t` holds kernel (the `path:` of a kernels entry), sha256, initrd,
+        initrd_sha256, cmdline; `base` is where it sits in the document."""
+        doc = self.doc
+        name = "path" if arch else "kernel"
+
+        def yp(k: str) -> tuple:
+            return base + ((name if k == "kernel" else k),)
+        if t.get("kernel") is None:
+            doc.fail(yp("kernel"), "required")
+        kp = yp("kernel")
         kernel = self.string(kp, t["kernel"])
-        where = {k: self.where(("target", k)) for k in _TARGET}
+        where = {k: self.where(yp(k)) for k in ("kernel", "sha256", "initrd", "initrd_sha256",
+                                                  "cmdline")}
         if kernel.startswith(TWIN_SCHEME):
             release = kernel[len(TWIN_SCHEME):]
             if not _RELEASE.match(release) or len(release) > 64:
                 doc.fail(kp, f"twin:<release> needs a kernel release like twin:7.2.14-twin "
                              f"(at most 64 characters), got {_short(kernel)}")
             if t.get("sha256") is not None:
-                doc.fail(("target", "sha256"), f"a twin kernel ({kernel}) is generated on "
-                                               "demand, so a sha256 pin cannot hold; remove "
-                                               "target.sha256 (pins are for kernel files)")
+                doc.fail(yp("sha256"), f"a twin kernel ({kernel}) is generated on demand, so "
+                                       "a sha256 pin cannot hold; remove it (pins are for "
+                                       "kernel files)")
         else:
             kernel = self.file(kp, kernel)
             if t.get("sha256") is None:
-                doc.fail(("target", "sha256"), "required for a kernel file (pin the image; "
-                                               "only twin:<release> kernels may omit it)")
-        sha = self.sha(("target", "sha256"), t["sha256"]) if t.get("sha256") is not None else None
-        initrd = self.file(("target", "initrd"), t["initrd"]) if t.get("initrd") else None
+                doc.fail(yp("sha256"), "required for a kernel file (pin the image; only "
+                                       "twin:<release> kernels may omit it)")
+        sha = self.sha(yp("sha256"), t["sha256"]) if t.get("sha256") is not None else None
+        initrd = self.file(yp("initrd"), t["initrd"]) if t.get("initrd") else None
         isha = t.get("initrd_sha256")
         if isha is not None:
             if initrd is None:
-                doc.fail(("target", "initrd_sha256"), "given without target.initrd")
-            isha = self.sha(("target", "initrd_sha256"), isha)
+                doc.fail(yp("initrd_sha256"), "given without "
+                         + ("target.initrd" if arch is None else "initrd"))
+            isha = self.sha(yp("initrd_sha256"), isha)
         cmdline = t.get("cmdline", "reuse")
         if (not isinstance(cmdline, str) or not cmdline.strip() or len(cmdline) > MAX_TEXT
                 or any(c in cmdline for c in "\0\n\r")):
-            doc.fail(("target", "cmdline"), f"must be 'reuse' or a kernel command line (one "
-                                            f"line, at most {MAX_TEXT} characters), got "
-                                            f"{_short(cmdline)}")
-        return Target(kernel, sha, initrd, isha, None if cmdline == "reuse" else cmdline, where)
+            doc.fail(yp("cmdline"), f"must be 'reuse' or a kernel command line (one line, at "
+                                    f"most {MAX_TEXT} characters), got {_short(cmdline)}")
+        return Target(kernel, sha, initrd, isha, None if cmdline == "reuse" else cmdline, where,
+                      arch)
 
     def workloads(self, raw: Any) -> WorkloadSpec:
         doc = self.doc
@@ -355,7 +515,8 @@ class _Checker:
                                                 f"{MAX_SESSIONS} sessions")
         for i, s in enumerate(sessions):
             sp = ("workloads", "sessions", i)
-            s = doc.mapping(sp, s, ("name", "memfds"), required=("name",))
+            s = doc.mapping(sp, s, ("name", "memfds", "files", "file", "token_base", "sessions"),
+                            required=("name",))        # files/sessions: workload.parse_spec
             memfds = s.get("memfds")
             if memfds is not None and not isinstance(memfds, list):
                 doc.fail(sp + ("memfds",), f"expected a list, got {type(memfds).__name__}")
@@ -364,7 +525,8 @@ class _Checker:
                                            "session")
             for j, m in enumerate(memfds or []):
                 mp = sp + ("memfds", j)
-                m = doc.mapping(mp, m, ("token", "size", "seed", "adopt"), required=("token",))
+                m = doc.mapping(mp, m, ("token", "size", "seed", "adopt", "seals", "huge", "holes",
+                                        "position"), required=("token",))
                 self.memfd_fields(mp, m)
         try:
             spec = parse_spec(w, "workloads")

@@ -148,7 +148,7 @@ class Rollout:
         inv = load_inventory(inventory_path)
         pb = load_playbook(playbook_path)
         stages = pb.assign_hosts(inv)
-        pb.target.check_files()
+        pb.check_files(inv)
         if opts.sim_dir is None:
             opts.sim_dir = DEFAULT_SIM_DIR
         db = StateDB.create(opts.rollouts_dir, playbook_path=pb.path, inventory_path=inv.path,
@@ -448,6 +448,7 @@ class Rollout:
 
     def write_reports(self) -> dict:
         from .fleetreport import build_fleet_report, write_fleet_report
-        fleet = build_fleet_report(self.db)
+        fleet = build_fleet_report(self.db,
+                                   arches={n: h.arch for n, h in self.inv.hosts.items()})
         write_fleet_report(self.reports, fleet)
         return fleet

@@ -12,6 +12,13 @@ The walker reads physical memory through a callable and trusts nothing: each nod
 visited at most once, pointers are checked for alignment and readability, table slots
 beyond the key space are rejected, and the walk is bounded. Problems end up in
 `RadixWalk.errors` with `intact=False`; the blocks found elsewhere are still reported.
+
+The walk keeps each leaf in its compact form (the bitmap page itself, exact: one bit per
+block) and counts it with popcount; `RadixWalk.blocks`, one `[pa, order, count]` list per
+run, is decoded word by word from those bitmaps the first time it is asked for. Callers
+that only need `intact`, `nodes`, `errors` or the counts (scoring candidate trees, the
+incoming tree's state) never pay for one Python list per preserved block.
+
 The builder (RadixBuilder, encode_key) is in abi/encode/radix.py: only the twin and tests
 build trees.
 """
@@ -25,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import add, and_, neg, sub, xor
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from .memory import MemoryReadError, Reader
 from .versions import kho_abi, page_shift
@@ -40,6 +47,9 @@ __all__ = [
 
 _MASK64 = (1 << 64) - 1
 _MAX_ERRORS = 64
+# part of a walk's result: a leaf to decode (pa of bit 0, order, shift of one bit, bitmap)
+# or runs already decoded ([pa, order, count] lists)
+_Segment = Union[tuple[int, int, int, bytes], list[list[int]]]
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,8 @@ class RadixWalk:
     """The result of walking a tree.
 
     blocks: coalesced [phys, order, count] runs -- `count` consecutive blocks of
-    2^order pages starting at `phys`, in key order (higher orders first).
+    2^order pages starting at `phys`, in key order (higher orders first); decoded from
+    the walk's compact leaves on first access, then a plain list.
     pages_by_order: number of preserved blocks ("pages" of that order) per order.
     node_pages: physical addresses of every node page read (root first).
     """
@@ -109,10 +120,42 @@ class RadixWalk:
     errors: list[str] = field(default_factory=list)
     nodes: int = 0
     node_pages: list[int] = field(default_factory=list)
-    blocks: list[list[int]] = field(default_factory=list)
     pages_by_order: dict[int, int] = field(default_factory=dict)
     preserved_bytes: int = 0
     suppressed_errors: int = 0
+    # what the walk found, in key order: a leaf still to decode (pa of bit 0, order,
+    # shift of one bit, bitmap page) or runs already decoded; `blocks` once decoded
+    _segments: list[_Segment] = field(default_factory=list, repr=False, compare=False)
+    _blocks: Optional[list[list[int]]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def blocks(self) -> list[list[int]]:
+        """The coalesced [phys, order, count] runs (decoded once, then cached)."""
+        if self._blocks is None:
+            # one small acyclic list per run: on trees of isolated pages the cyclic
+            # collector's passes over them cost as much as building them, so it is
+            # paused while they are built and restored (in a finally) right after
+            paused = gc.isenabled()
+            if paused:
+                gc.disable()
+            try:
+                self._blocks = _decode_segments(self._segments, self.geometry.page_size)
+            finally:
+                if paused:
+                    gc.enable()
+            self._segments = []               # the bitmaps are not needed any more
+        return self._blocks
+
+    def __eq__(self, other: object) -> bool:
+        """Field by field as a dataclass, with `blocks` (decoded) in place of the leaves."""
+        if not isinstance(other, RadixWalk):
+            return NotImplemented
+        return (self.root, self.geometry, self.intact, self.errors, self.nodes,
+                self.node_pages, self.blocks, self.pages_by_order, self.preserved_bytes,
+                self.suppressed_errors) == (
+            other.root, other.geometry, other.intact, other.errors, other.nodes,
+            other.node_pages, other.blocks, other.pages_by_order, other.preserved_bytes,
+            other.suppressed_errors)
 
     def error(self, msg: str) -> None:
         self.intact = False
@@ -149,23 +192,47 @@ class RadixWalk:
         }
 
 
+def _decode_segments(segments: Sequence[_Segment], page_size: int) -> list[list[int]]:
+    """The walk's segments as one coalesced list of [pa, order, count] runs.
+
+    Within a segment runs never touch (a zero bit, or the walker's coalescing, separates
+    them); only a segment's first run may continue the last run of the one before.
+    """
+    out: list[list[int]] = []
+    for seg in segments:
+        runs = _leaf_blocks(seg[3], seg[0], seg[2], seg[1])[0] if isinstance(seg, tuple) else seg
+        if not runs:
+            continue
+        first = runs[0]
+        prev = out[-1] if out else None
+        if prev is not None and prev[1] == first[1] and \
+                prev[0] + prev[2] * (page_size << first[1]) == first[0]:
+            prev[2] += first[2]
+            out += runs[1:]
+        else:
+            out += runs
+    return out
+
+
 class _Emitter:
-    """Coalesces (pa, order, count) runs as the walker finds them, in key order."""
+    """Coalesces (pa, order, count) runs found one by one (leaf 0) into one segment."""
 
     def __init__(self, walk: RadixWalk) -> None:
         self.walk = walk
         self.ps = walk.geometry.page_size
+        self.runs: list[list[int]] = []
+        walk._segments.append(self.runs)
 
     def run(self, pa: int, order: int, count: int) -> None:
         w = self.walk
         w.pages_by_order[order] = w.pages_by_order.get(order, 0) + count
         size = self.ps << order
         w.preserved_bytes += count * size
-        last = w.blocks[-1] if w.blocks else None
+        last = self.runs[-1] if self.runs else None
         if last is not None and last[1] == order and last[0] + last[2] * size == pa:
             last[2] += count
         else:
-            w.blocks.append([pa, order, count])
+            self.runs.append([pa, order, count])
 
 
 def _set_bits(words: Sequence[int], first: int = 0, bits: int = -1) -> list[int]:
@@ -299,25 +366,12 @@ def walk_radix(read: Reader, root: int, g: RadixGeometry, *,
     Never raises for bad trees: cycles, shared or misaligned nodes, unreadable pointers,
     slots beyond the key space, key-less bits and blocks outside RAM become errors.
 
-    The cyclic garbage collector is paused for the walk (and restored after): the walk
-    allocates one small acyclic list per block, and on trees of isolated pages the
-    collector's passes over them cost as much as the rest of the walk.
+    Memory: each non-empty leaf page is kept (as read) until `blocks` is decoded; at most
+    max_nodes pages, and never more than the lists they decode to. The garbage collector
+    is left alone: the walk allocates a few objects per node, not per block (decoding
+    `blocks` later pauses it for the duration, see RadixWalk.blocks).
     """
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        return _walk(read, root, g, in_ram, max_nodes)
-    finally:
-        if paused:
-            gc.enable()
-
-
-def _walk(read: Reader, root: int, g: RadixGeometry,
-          in_ram: Optional[Callable[[int, int], bool]], max_nodes: int) -> RadixWalk:
-    """walk_radix() proper."""
     w = RadixWalk(root=root, geometry=g)
-    emit = _Emitter(w)
     ps = g.page_size
     slots = ps // 8
     key_bits = min(g.order0 + 1, g.key_bits)  # valid keys are < 2^key_bits
@@ -349,7 +403,7 @@ def _walk(read: Reader, root: int, g: RadixGeometry,
         w.nodes += 1
         w.node_pages.append(phys)
         if level == 0:
-            _walk_leaf(page, prefix, g, emit, w, in_ram)
+            _walk_leaf(page, prefix, g, w, in_ram)
             continue
         shift = g.shift(level)
         children: list[tuple[int, int, int, str]] = []
@@ -367,51 +421,58 @@ def _walk(read: Reader, root: int, g: RadixGeometry,
     return w
 
 
-def _walk_leaf(page: bytes, prefix: int, g: RadixGeometry, emit: _Emitter,
-               w: RadixWalk, in_ram: Optional[Callable[[int, int], bool]]) -> None:
-    """Emit the runs of one leaf bitmap whose keys start at `prefix`."""
+def _walk_leaf(page: bytes, prefix: int, g: RadixGeometry, w: RadixWalk,
+               in_ram: Optional[Callable[[int, int], bool]]) -> None:
+    """Count one leaf bitmap whose keys start at `prefix` and keep it for `blocks`.
+
+    No per-block work unless a block lies outside RAM: the set bits are counted with one
+    popcount, the lowest and highest give the span checked against RAM; only a leaf that
+    is not wholly in RAM is decoded now, to name (and drop) the blocks outside it.
+    """
     if not prefix:
-        _walk_leaf0(page, g, emit, w, in_ram)
+        _walk_leaf0(page, g, w, in_ram)
         return
     # every key in this leaf shares prefix's order bit: one order for the leaf
     order = g.order0 - (prefix.bit_length() - 1)
     ss = g.page_shift + order
     base = (prefix << ss) & _MASK64
-    runs, total = _leaf_blocks(page, base, ss, order)    # [[pa, order, n], ...]
-    if not runs:
+    nbytes = len(page)
+    zeros, ones = _constant_pages(nbytes)
+    if page == zeros:
         return
-    if in_ram is not None:
-        first, last = runs[0], runs[-1]
-        if not in_ram(first[0], last[0] - first[0] + (last[2] << ss)):
-            good = []
-            for run in runs:
-                pa, _, n = run
-                if in_ram(pa, n << ss):
-                    good.append(run)
-                else:
-                    total -= n
-                    w.error(f"leaf at key 0x{prefix:x}: blocks 0x{pa:x} "
-                            f"(order {order}, {n}) outside RAM")
-            if not good:
-                return
-            runs = good
-    # the first run may continue the last one found; the others cannot (a zero bit
-    # separates them) and are taken as they are
-    first = runs[0]
-    size = g.page_size << order
-    prev = w.blocks[-1] if w.blocks else None
-    if prev is not None and prev[1] == order and prev[0] + prev[2] * size == first[0]:
-        prev[2] += first[2]
-        del runs[0]
-    w.blocks += runs
+    if page == ones:
+        total, lo, end = nbytes * 8, 0, nbytes * 8
+    else:
+        v = int.from_bytes(page, "little")
+        total = _popcount(v)
+        end = v.bit_length()                          # one past the highest set bit
+        i = nbytes - len(page.lstrip(b"\0"))          # the first non-zero byte
+        lo = (i << 3) + (page[i] & -page[i]).bit_length() - 1
+    seg: _Segment = (base, order, ss, page if type(page) is bytes else bytes(page))
+    if in_ram is not None and not in_ram(base + (lo << ss), (end - lo) << ss):
+        runs, total = _leaf_blocks(page, base, ss, order)    # [[pa, order, n], ...]
+        good = []
+        for run in runs:
+            pa, _, n = run
+            if in_ram(pa, n << ss):
+                good.append(run)
+            else:
+                total -= n
+                w.error(f"leaf at key 0x{prefix:x}: blocks 0x{pa:x} "
+                        f"(order {order}, {n}) outside RAM")
+        if not good:
+            return
+        seg = good
+    w._segments.append(seg)
     w.pages_by_order[order] = w.pages_by_order.get(order, 0) + total
-    w.preserved_bytes += total * size
+    w.preserved_bytes += total * (g.page_size << order)
 
 
-def _walk_leaf0(page: bytes, g: RadixGeometry, emit: _Emitter, w: RadixWalk,
+def _walk_leaf0(page: bytes, g: RadixGeometry, w: RadixWalk,
                 in_ram: Optional[Callable[[int, int], bool]]) -> None:
     """The lowest leaf mixes (absurdly) high orders: decode its keys one by one."""
     ps = g.page_size
+    emit = _Emitter(w)
     for bit, _, n in _leaf_blocks(page)[0]:
         for key in range(bit, bit + n):
             if key == 0:

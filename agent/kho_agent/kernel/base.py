@@ -17,6 +17,7 @@ from typing import Optional
 from ..bootproto import IncomingKho
 from ..errors import KhoAgentError
 from ..physmem import PhysicalMemory
+from ..systemdhost import FdStoreUnit, InitSystem
 
 __all__ = ["KernelError", "LiveUpdateError", "Session", "LiveUpdate", "Kernel", "TWIN_ENV"]
 
@@ -152,6 +153,33 @@ class Kernel(ABC):
         /chosen), for kernels without KHO debugfs; None when this boot has none."""
         return None
 
+    # --- what this kernel lets the agent see (preflight's capabilities) ------------------
+    def physmem_access(self) -> dict[str, tuple[bool, str]]:
+        """Each way into physical memory, probed: {"devmem_ram": (ok, detail), "kcore":
+        (ok, detail)}. This default knows only what open_physmem() gives."""
+        try:
+            with self.open_physmem() as mem:
+                src = mem.source
+        except (OSError, KhoAgentError) as e:
+            return {"devmem_ram": (False, str(e)), "kcore": (False, str(e))}
+        kc = "kcore" in src
+        return {"devmem_ram": (not kc, src), "kcore": (kc, src)}
+
+    def lockdown(self) -> Optional[str]:
+        """The kernel lockdown mode (none, integrity, confidentiality); None when the
+        kernel has no lockdown LSM (/sys/kernel/security/lockdown absent)."""
+        return None
+
+    def kernel_config(self) -> Optional[dict[str, str]]:
+        """The running kernel's CONFIG_* settings (/proc/config.gz or
+        /boot/config-RELEASE), None when neither is readable."""
+        return None
+
+    def running_images(self) -> list[str]:
+        """Files that may be the running kernel's image (preflight reads its ABI strings
+        when debugfs cannot tell): /boot/vmlinuz-RELEASE, then /boot files naming it."""
+        return []
+
     # --- live update and memory ---------------------------------------------------------
     @abstractmethod
     def liveupdate_present(self) -> bool:
@@ -176,6 +204,52 @@ class Kernel(ABC):
     def page_flags(self, pfns: list[int]) -> Optional[list[int]]:
         """/proc/kpageflags of `pfns`, or None where the kernel does not offer it."""
         return None
+
+    # THP for shmem: the host's setting decides (there is no memfd_create flag for it)
+    SHMEM_THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+
+    def shmem_thp(self) -> Optional[str]:
+        """The selected value of shmem_enabled ("never", "advise", ...), None without THP."""
+        try:
+            with open(self.SHMEM_THP) as f:
+                text = f.read()
+        except OSError:
+            return None
+        sel = [w[1:-1] for w in text.split() if w.startswith("[") and w.endswith("]")]
+        return sel[0] if sel else None
+
+    def shmem_huge_hint(self, fd: int, mode: str) -> None:
+        """The memfd behind `fd` was filled through a MADV_HUGEPAGE (mode always,
+        within_size) or MADV_NOHUGEPAGE (never) mapping. Linux saw the madvise itself:
+        nothing to do; a twin kernel is told, since it cannot see this process's mappings."""
+        return None
+
+    # --- PID 1 (systemd): FD stores and `systemctl kexec` (kho_agent.systemdhost) ----------
+    def init_system(self) -> InitSystem:
+        """What PID 1 is (systemd and its version, or another init)."""
+        return InitSystem("unknown", None, "this kernel backend cannot tell")
+
+    def fdstore_units(self) -> list[FdStoreUnit]:
+        """The units whose FD store holds fds (`systemctl show`)."""
+        return []
+
+    def systemd_kexec(self) -> None:
+        """Start `systemctl kexec` into the kernel already loaded (detached)."""
+        raise KernelError("systemctl kexec: not supported by this kernel backend")
+
+    def fdstore_push(self, unit: str, name: str, fd: int,
+                     session_name: Optional[str] = None) -> None:
+        """Put `fd` into `unit`'s FD store as `name` (sd_notify FDSTORE=1); `session_name`
+        when `fd` is a LUO session fd (systemd records it as a `luo_session` entry)."""
+        raise KernelError("FDSTORE=1: not supported by this kernel backend")
+
+    def fdstore_take(self, unit: str) -> list[tuple[str, int]]:
+        """(name, fd) of what PID 1 handed back to `unit` after the kexec (LISTEN_FDS)."""
+        return []
+
+    def adopt_session(self, fd: int, name: str) -> Session:
+        """A Session for a session fd this process was handed (inherited, or from PID 1)."""
+        raise KernelError("adopting a session fd: not supported by this kernel backend")
 
     # --- kexec -----------------------------------------------------------------------------
     @abstractmethod

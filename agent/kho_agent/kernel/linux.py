@@ -37,8 +37,10 @@ import sys
 import time
 from typing import Optional
 
+from .. import systemdhost
 from ..bootproto import IncomingKho, incoming_kho
-from ..physmem import PhysicalMemory, PhysMemError, open_live_memory
+from ..capabilities import parse_kconfig, parse_selected
+from ..physmem import PhysicalMemory, PhysMemError, open_devmem, open_kcore, open_live_memory
 from . import uapi
 from .base import Kernel, KernelError, LiveUpdate, LiveUpdateError, Session
 
@@ -202,6 +204,12 @@ class LinuxKernel(Kernel):
     debugfs_root = "/sys/kernel/debug"
     liveupdate_path = uapi.LIVEUPDATE_DEVICE
     kexec_loaded_path = "/sys/kernel/kexec_loaded"
+    devmem_path = "/dev/mem"
+    kcore_path = "/proc/kcore"
+    lockdown_path = "/sys/kernel/security/lockdown"
+    ikconfig_path = "/proc/config.gz"   # CONFIG_IKCONFIG_PROC
+    boot_dir = "/boot"
+    sysroot = "/"                  # where /sys/kernel/boot_params and the device tree are
 
     def __init__(self, state_dir: Optional[str] = None, kexec_tool: Optional[str] = "auto") -> None:
         """`kexec_tool`: path of kexec(8), "auto" to search PATH and sbin dirs, or None to
@@ -333,13 +341,64 @@ class LinuxKernel(Kernel):
         return LinuxLiveUpdate(fd, path)
 
     def incoming_kho(self) -> Optional[IncomingKho]:
-        return incoming_kho("/")
+        return incoming_kho(self.sysroot)
 
     def open_physmem(self) -> PhysicalMemory:
         try:
-            return open_live_memory()
+            return open_live_memory(self.devmem_path, self.kcore_path, f"{self.proc}/iomem")
         except PhysMemError as e:
             raise KernelError(str(e)) from None
+
+    # --- capabilities (preflight) -------------------------------------------------------
+    def physmem_access(self) -> dict[str, tuple[bool, str]]:
+        """/dev/mem and /proc/kcore, each opened and read at a RAM page above 1 MiB."""
+        out: dict[str, tuple[bool, str]] = {}
+        for key, path, opener in (
+                ("devmem_ram", self.devmem_path,
+                 lambda: open_devmem(self.devmem_path, f"{self.proc}/iomem")),
+                ("kcore", self.kcore_path, lambda: open_kcore(self.kcore_path))):
+            try:
+                opener().close()
+                out[key] = (True, f"{path} serves System RAM")
+            except PhysMemError as e:
+                out[key] = (False, str(e))
+            except OSError as e:
+                out[key] = (False, f"{path}: {e.strerror or e}")
+        return out
+
+    def lockdown(self) -> Optional[str]:
+        try:
+            with open(self.lockdown_path) as f:
+                return parse_selected(f.read())
+        except OSError:
+            return None
+
+    def kernel_config(self) -> Optional[dict[str, str]]:
+        import gzip
+        try:
+            with gzip.open(self.ikconfig_path, "rt", errors="replace") as f:
+                return parse_kconfig(f.read())
+        except (OSError, EOFError):
+            pass
+        try:
+            with open(os.path.join(self.boot_dir, f"config-{self.release()}"),
+                      errors="replace") as f:
+                return parse_kconfig(f.read())
+        except OSError:
+            return None
+
+    def running_images(self) -> list[str]:
+        rel = self.release()
+        out = [os.path.join(self.boot_dir, f"vmlinuz-{rel}")]
+        try:
+            names = sorted(os.listdir(self.boot_dir))
+        except OSError:
+            names = []
+        named = [n for n in names if rel in n
+                 and not n.startswith(("config-", "System.map-", "initrd", "vmlinuz-"))]
+        named.sort(key=lambda n: not n.endswith(rel))      # bzImage-REL before bzImage-REL-x
+        out += [os.path.join(self.boot_dir, n) for n in named]
+        return [p for p in out if os.path.isfile(p)][:4]
 
     def memfd_pfns(self, fd: int, size: int) -> list[int]:
         """PFN of each page of the first `size` bytes of memfd `fd` (0: not present).
@@ -556,4 +615,50 @@ class LinuxKernel(Kernel):
             raise KernelError(f"kexec exec: cannot start {argv[0]}: {e.strerror}") from None
         finally:
             log.close()
+
+    # --- PID 1 (kho_agent.systemdhost) ------------------------------------------------------
+    def init_system(self) -> systemdhost.InitSystem:
+        return systemdhost.linux_init_system()
+
+    def fdstore_units(self) -> list[systemdhost.FdStoreUnit]:
+        return systemdhost.linux_fdstore_units()
+
+    def systemd_kexec(self, delay: float = 0.5) -> None:
+        """`systemctl kexec` `delay` seconds from now, detached (the caller still answers):
+        systemd stops the services, systemd-shutdown preserves the FD stores through LUO,
+        then reboots into the kernel already loaded with kexec_file_load."""
+        if not self.kexec_loaded():
+            raise KernelError(f"systemctl kexec: no kernel loaded ({self.kexec_loaded_path} "
+                              "is not 1)")
+        argv = ["/bin/sh", "-c", f'sleep {max(0.0, float(delay)):.3f}; exec systemctl kexec']
+        try:
+            log = open(os.path.join(self.state_dir(), "kexec-exec.log"), "ab")
+        except (OSError, KernelError):
+            log = open(os.devnull, "wb")
+        try:
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             start_new_session=True, close_fds=True, env=self.child_env())
+        except OSError as e:
+            raise KernelError(f"systemctl kexec: cannot start /bin/sh: {e.strerror}") from None
+        finally:
+            log.close()
+
+    def fdstore_push(self, unit: str, name: str, fd: int,
+                     session_name: Optional[str] = None) -> None:
+        """sd_notify FDSTORE=1 with FDNAME (this process must run as `unit`, a service with
+        FileDescriptorStoreMax > 0; systemd names a LUO session fd's entry itself)."""
+        try:
+            sent = systemdhost.sd_notify(f"FDSTORE=1\nFDNAME={name}", [fd])
+        except OSError as e:
+            raise KernelError(f"FDSTORE=1 to $NOTIFY_SOCKET: {e.strerror or e}") from None
+        if not sent:
+            raise KernelError(f"FDSTORE=1: no $NOTIFY_SOCKET (the holder does not run as "
+                              f"{unit})")
+
+    def fdstore_take(self, unit: str) -> list[tuple[str, int]]:
+        return systemdhost.listen_fds(dict(os.environ), os.getpid())
+
+    def adopt_session(self, fd: int, name: str) -> Session:
+        """A retrieved session fd handed over by another process (PID 1's FD store)."""
+        return LinuxSession(fd, name, incoming=True)
 

@@ -18,6 +18,7 @@ from typing import Optional
 
 from ..errors import InputError
 from ..physmem import PhysicalMemory, RawImage
+from ..systemdhost import FdStoreUnit, InitSystem
 from . import twinproto as proto
 from .base import TWIN_ENV, Kernel, KernelError, LiveUpdate, LiveUpdateError, Session
 
@@ -294,11 +295,52 @@ class TwinKernel(Kernel):
         mem.source = "twin /dev/mem"
         return mem
 
+    def physmem_access(self) -> dict[str, tuple[bool, str]]:
+        """A twin serves its RAM image as /dev/mem; it has no /proc/kcore."""
+        ok = os.path.isfile(self._p("mem.img"))
+        return {"devmem_ram": (ok, f"twin /dev/mem ({self._p('mem.img')})" if ok else
+                               f"no {self._p('mem.img')}"),
+                "kcore": (False, "a twin host has no /proc/kcore")}
+
+    def lockdown(self) -> Optional[str]:
+        """ROOT/sys/kernel/security/lockdown when the twin host has one (tests write it)."""
+        from ..capabilities import parse_selected
+        try:
+            with open(self._p("sys/kernel/security/lockdown")) as f:
+                return parse_selected(f.read())
+        except OSError:
+            return None
+
+    def kernel_config(self) -> Optional[dict[str, str]]:
+        """ROOT/boot/config-RELEASE when the twin host has one."""
+        from ..capabilities import parse_kconfig
+        try:
+            with open(self._p(f"boot/config-{self.release()}")) as f:
+                return parse_kconfig(f.read())
+        except OSError:
+            return None
+
     def memfd_pfns(self, fd: int, size: int) -> list[int]:
         return [int(p) for p in self.control("pagemap", (fd,), size=int(size))["pfns"]]
 
     def page_flags(self, pfns: list[int]) -> Optional[list[int]]:
         return [int(f) for f in self.control("kpageflags", pfns=[int(p) for p in pfns])["flags"]]
+
+    def shmem_thp(self) -> Optional[str]:
+        """The twin's shmem_enabled (ROOT/sys/kernel/mm/transparent_hugepage/shmem_enabled;
+        a test may write a bare setting into it, as root would on a real host)."""
+        try:
+            text = self._read(self.SHMEM_THP.lstrip("/"))
+        except KernelError:
+            return None
+        words = text.split()
+        sel = [w[1:-1] for w in words if w.startswith("[") and w.endswith("]")]
+        return sel[0] if sel else (words[0] if len(words) == 1 else None)
+
+    def shmem_huge_hint(self, fd: int, mode: str) -> None:
+        """Tell the twin how the memfd was filled (it cannot see this process's madvise):
+        its page cache then uses large folios as the real kernel would."""
+        self.control("shmem_huge", (fd,), mode=str(mode))
 
     # --- kexec -----------------------------------------------------------------------------
     def kexec_file_load_supported(self) -> bool:
@@ -320,6 +362,49 @@ class TwinKernel(Kernel):
         """Reboot into the loaded kernel `delay` seconds from now (the call returns first,
         like the lab's detached `sleep 0.5; kexec -e`); every process of the host dies."""
         self.control("kexec_exec", delay=float(delay))
+
+    # --- PID 1: the twin's systemd (controller/kho_fleet/sim/twinsystemd.py) ------------------
+    def _systemd(self, op: str, fds: tuple = (), **args: object) -> tuple[dict, list[int]]:
+        """A request to the twin's PID 1, keeping the fds of the reply."""
+        sock = self._connect(proto.CONTROL, op)
+        try:
+            reply, got = proto.call(sock, {"op": op, **args}, fds)
+        except (proto.WireError, OSError) as e:
+            raise KernelError(f"{op}: twin host {self.root} is down/booting ({e})") from None
+        finally:
+            sock.close()
+        if not reply.get("ok"):
+            proto.close_fds(got)
+            raise KernelError(str(reply.get("error", f"{op} failed")))
+        return reply, got
+
+    def init_system(self) -> InitSystem:
+        st, _ = self._systemd("systemd_status")
+        return InitSystem(str(st.get("name")), st.get("version"), str(st.get("detail", "")))
+
+    def fdstore_units(self) -> list[FdStoreUnit]:
+        st, _ = self._systemd("systemd_status")
+        return [FdStoreUnit(str(u["unit"]), int(u["count"]), str(u["preserve"]), int(u["max"]),
+                            [str(n) for n in u.get("names", [])]) for u in st.get("units", [])]
+
+    def systemd_kexec(self, delay: float = 0.5) -> None:
+        """`systemctl kexec` on the twin `delay` seconds from now: its services are stopped,
+        its systemd-shutdown preserves the FD stores through LUO, then the loaded kernel."""
+        self._systemd("systemd_kexec", delay=float(delay))
+
+    def fdstore_push(self, unit: str, name: str, fd: int,
+                     session_name: Optional[str] = None) -> None:
+        self._systemd("fdstore_add", (fd,), unit=unit, name=name, session_name=session_name)
+
+    def fdstore_take(self, unit: str) -> list[tuple[str, int]]:
+        reply, fds = self._systemd("fdstore_take", unit=unit)
+        names = [str(n) for n in reply.get("names", [])]
+        if len(names) != len(fds):
+            proto.close_fds(fds)
+            raise KernelError(f"fdstore_take {unit}: {len(names)} names for {len(fds)} fds")
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        return list(zip(names, fds))
 
     # --- twin extras -------------------------------------------------------------------------
     def adopt_session(self, fd: int, name: str) -> Session:

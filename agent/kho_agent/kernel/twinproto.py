@@ -15,7 +15,8 @@ Requests are {"op": NAME, ...}; replies are {"ok": true, ...} or
   Closing every copy of a device or session fd is its release (the twin sees EOF).
 - ROOT/twin.sock (control, what a host does without userspace help): status, sync
   (every earlier close(2) has been released), pagemap {"size"} + an fd -> {"pfns"},
-  kpageflags {"pfns"} -> {"flags"}, kexec_load {"kernel", "initrd", "cmdline"},
+  kpageflags {"pfns"} -> {"flags"}, shmem_huge {"mode"} + a memfd (how it was filled:
+  madvise of its mapping), kexec_load {"kernel", "initrd", "cmdline"},
   kexec_unload, kexec_exec {"delay"}, fault {"name", "value", "clear"} (the twin judges
   the name: kho_fleet/sim/faults.py).
 """

@@ -66,14 +66,18 @@ class GuestRecord:
     image: str          # the shared rootfs image under the overlay
     key: str            # the lab's SSH private key
     started: float      # Unix time
+    arch: str = "x86_64"   # the inventory's kho_arch (arm64: qemu-system-aarch64 -M virt)
 
 
-def check_qemu() -> str:
-    """Path of qemu-system-x86_64; LabError naming the Debian package when QEMU is missing."""
-    qemu = find_qemu()
+def check_qemu(arch: str = "x86_64") -> str:
+    """Path of qemu-system-x86_64 (arm64: qemu-system-aarch64); LabError naming the Debian
+    package when QEMU is missing."""
+    name, pkg = (("qemu-system-aarch64", "qemu-system-arm") if arch == "arm64"
+                 else ("qemu-system-x86_64", "qemu-system-x86"))
+    qemu = find_qemu(name)
     if qemu is None:
-        raise LabError("qemu-system-x86_64 not found: install the Debian package "
-                       "qemu-system-x86 (make test does, as root)")
+        raise LabError(f"{name} not found: install the Debian package {pkg} (make test "
+                       "does, as root)")
     if shutil.which("qemu-img") is None:
         raise LabError("qemu-img not found: install the Debian package qemu-utils")
     return qemu
@@ -103,7 +107,9 @@ def write_inventory(path: PathLike, records: Sequence[GuestRecord], known_hosts:
     hosts = {r.name: {"ansible_host": "127.0.0.1", "ansible_port": r.port,
                       "ansible_user": "root", "ansible_ssh_private_key_file": r.key,
                       "kho_ssh_known_hosts": str(Path(known_hosts).resolve()),
-                      "kho_boot_timeout": BOOT_TIMEOUT_VAR} for r in records}
+                      "kho_boot_timeout": BOOT_TIMEOUT_VAR if r.arch == "x86_64"
+                      else 3 * BOOT_TIMEOUT_VAR,       # arm64 TCG: 1.5 min to SSH when loaded
+                      **({"kho_arch": r.arch} if r.arch != "x86_64" else {})} for r in records}
     head = (f"# Written by `kho-fleet lab up` on {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: "
             f"{len(records)} QEMU lab guest(s)\n# tracked in {Path(workdir).resolve()} "
             "(`kho-fleet lab status`, `kho-fleet lab down`). Host keys were recorded on first\n"
@@ -156,18 +162,20 @@ class LabFleet:
 
     def guest(self, rec: GuestRecord) -> LabGuest:
         """A LabGuest attached to a running record: SSH (`run`, `put`, `get`) only."""
-        return LabGuest(rec.dir, rec.kernel, rec.image, LabKey(Path(rec.key), ""), port=rec.port)
+        return LabGuest(rec.dir, rec.kernel, rec.image, LabKey(Path(rec.key), ""), port=rec.port,
+                        arch=rec.arch)
 
     # --- up -------------------------------------------------------------------------------
     def up(self, n: int, kernel: PathLike, *, cache: PathLike,
            extra_kernels: Sequence[PathLike] = (), inventory: Optional[PathLike] = None,
            memory_mib: int = 1024, smp: int = 2, boot_timeout: float = 240.0,
-           note: Note = lambda msg: None) -> dict:
+           suite: str = "bookworm", note: Note = lambda msg: None,
+           arch: str = "x86_64") -> dict:
         """Boot `n` guests (lab-1..lab-n) in parallel, wait for SSH, record their host keys,
         the state file and (if given) the inventory. Guests keep running after we return."""
         if not 1 <= n <= 16:
             raise LabError(f"{n} guests: the lab runs 1..16")
-        check_qemu()
+        check_qemu(arch)
         kernels = [Path(kernel)] + [Path(k) for k in extra_kernels]
         for k in kernels:
             if not k.is_file():
@@ -177,11 +185,13 @@ class LabFleet:
             raise LabError(f"lab guests already running in {self.workdir} "
                            f"({', '.join(running)}): run `kho-fleet lab down` first")
         key = lab_key(cache)
-        note(f"root filesystem for {kernels[0].name} (cached by content; a first build "
-             "runs debootstrap, ~1 min)")
-        image = build_rootfs(cache, kernels[0], key.public, extra_kernels=kernels[1:])
-        guests = [LabGuest(self.workdir / f"lab-{i}", kernels[0], image, key,
-                           memory_mib=memory_mib, smp=smp, new_session=True)
+        note(f"root filesystem ({suite}) for {kernels[0].name} (cached by content; a first "
+             "build runs debootstrap, ~1 min)")
+        image = build_rootfs(cache, kernels[0], key.public, extra_kernels=kernels[1:],
+                             suite=suite, arch=arch)
+        prefix = "lab" if arch == "x86_64" else f"lab-{arch}"
+        guests = [LabGuest(self.workdir / f"{prefix}-{i}", kernels[0], image, key,
+                           memory_mib=memory_mib, smp=smp, new_session=True, arch=arch)
                   for i in range(1, n + 1)]
         note(f"booting {n} guest(s) under QEMU (TCG: ~20-30 s to SSH)")
 
@@ -220,7 +230,7 @@ class LabFleet:
                 assert pid is not None
                 rec = GuestRecord(g.workdir.name, pid, g.port, str(g.workdir), qmp, serial,
                                   str(g.kernel), str(g.image), str(key.path.resolve()),
-                                  time.time())
+                                  time.time(), arch)
                 records.append(rec)
                 out.append({**asdict(rec), "release": release, "boot_s": g.boot_seconds})
         except GuestError as e:

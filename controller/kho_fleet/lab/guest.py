@@ -40,6 +40,11 @@ __all__ = ["LabGuest", "LabKey", "GuestError", "lab_key", "free_port", "GUEST_AP
 
 GUEST_APPEND = ("root=/dev/vda rw console=ttyS0 net.ifnames=0 kho=on liveupdate=on "
                 "panic=-1")
+# arm64 guests: qemu-system-aarch64 -M virt -cpu max (TCG; pauth-impdef: QEMU's cheap pointer
+# authentication, the architected one costs much under TCG), PL011 console ttyAMA0.
+ARM64_APPEND = GUEST_APPEND.replace("console=ttyS0", "console=ttyAMA0")
+_ARCH_QEMU = {"x86_64": ("qemu-system-x86_64", "q35", ()),
+              "arm64": ("qemu-system-aarch64", "virt", ("-cpu", "max,pauth-impdef=on"))}
 PathLike = Union[str, Path]
 
 
@@ -120,7 +125,13 @@ class LabGuest:
     def __init__(self, workdir: PathLike, kernel: PathLike, image: PathLike, key: LabKey, *,
                  append: str = GUEST_APPEND, memory_mib: int = 1024, smp: int = 2,
                  accel: str = "tcg", port: Optional[int] = None,
-                 extra_args: Sequence[str] = (), new_session: bool = False) -> None:
+                 extra_args: Sequence[str] = (), new_session: bool = False,
+                 arch: str = "x86_64") -> None:
+        if arch not in _ARCH_QEMU:
+            raise GuestError(f"arch {arch!r}: the lab runs {' or '.join(_ARCH_QEMU)} guests")
+        self.arch = arch
+        if arch == "arm64" and append == GUEST_APPEND:
+            append = ARM64_APPEND
         self.workdir = Path(workdir).resolve()
         self.kernel = Path(kernel).resolve()
         self.image = Path(image).resolve()
@@ -170,8 +181,10 @@ class LabGuest:
             "-device", "virtio-net-pci,netdev=n0",
             "-device", "virtio-rng-pci",
         ] + self.extra_args
+        qemu, machine, cpu = _ARCH_QEMU[self.arch]
         return QemuConfig(kernel=self.kernel, append=self.append, memory_mib=self.memory_mib,
-                          smp=self.smp, accel=self.accel, extra_args=args)
+                          smp=self.smp, accel=self.accel, extra_args=list(cpu) + args,
+                          qemu=qemu, machine=machine)
 
     def start(self, timeout: float = 240.0) -> float:
         """Boot and wait for SSH; returns (and sets `boot_seconds`) the seconds it took."""

@@ -5,12 +5,19 @@ a prebuilt bzImage; either way check that it speaks KHO and record it for `kho-f
                        Path("deploy/lab/kho-lab.config"), note=print)     # ~15 min, 2 cores
     rec = record_kernel(Path("bzImage-7.2.13-kho"), Path(".lab/kernels"))  # prebuilt
     recorded_kernel(Path(".lab/kernels"))         # the kernel `lab up` boots by default
+    find_kernel(Path(".lab/kernels"), "7.3.4-prod")   # any recorded kernel, by release
 
 The build is the lab README's recipe, run in the source tree with O=<build dir>:
 defconfig, kvm_guest.config, the fragment merged by scripts/kconfig/merge_config.sh -m,
 olddefconfig, then bzImage. Before the long bzImage step the final .config is checked
 against the fragment, so an option Kconfig silently dropped (a missing dependency) is
-named at once instead of surfacing as a kernel without /dev/liveupdate.
+named at once instead of surfacing as a kernel without /dev/liveupdate. The fragment is
+any file of CONFIG_ lines: the lab's (deploy/lab/kho-lab.config) or a production-like one
+(../shared/lab/kho-prod.config: STRICT_DEVMEM, no KHO debugfs); `configure_only` stops
+after that check (seconds, not the 15-25 min of bzImage).
+
+Every kernel recorded is kept in the store as bzImage-<release> and listed in KERNELS;
+RECORD names the default one (`make_default=False` records a kexec target only).
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ from kho_agent.digest import sha256_file
 from kho_agent.kimage import inspect_kernel_image
 from kho_fleet.lab.fleet import LabError
 
-__all__ = ["RECORD", "build_steps", "missing_options", "build_kernel", "record_kernel",
-           "recorded_kernel"]
+__all__ = ["RECORD", "KERNELS", "build_steps", "missing_options", "check_fragment",
+           "build_kernel", "record_kernel", "recorded_kernel", "find_kernel"]
 
 RECORD = "lab-kernel.json"
+KERNELS = "lab-kernels.json"
 PathLike = Union[str, Path]
 Note = Callable[[str], None]
 _OPTION = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
@@ -77,6 +85,20 @@ def missing_options(config: str, fragment: str) -> list[str]:
     return out
 
 
+def check_fragment(fragment: PathLike) -> dict[str, str]:
+    """The settings of a config fragment; LabError naming the file when it has none."""
+    frag = Path(fragment)
+    try:
+        text = frag.read_text(errors="replace")
+    except OSError as e:
+        raise LabError(f"config fragment {fragment}: {e.strerror or e}") from None
+    opts = _options(text)
+    if not opts:
+        raise LabError(f"config fragment {fragment}: no CONFIG_ settings (want lines like "
+                       "CONFIG_KEXEC_HANDOVER=y or '# CONFIG_X is not set')")
+    return opts
+
+
 def _run(step: str, argv: list[str], cwd: Path, log: Path, note: Note, timeout: float) -> None:
     """Run one build step, appending its output to `log`; LabError naming the step and
     its last output line when it fails."""
@@ -109,9 +131,12 @@ def _run(step: str, argv: list[str], cwd: Path, log: Path, note: Note, timeout: 
 
 def build_kernel(source: PathLike, out: PathLike, fragment: PathLike, *,
                  build_dir: Optional[PathLike] = None, jobs: int = 3, note: Note = lambda m: None,
-                 step_timeout: float = 4 * 3600) -> dict:
+                 step_timeout: float = 4 * 3600, configure_only: bool = False,
+                 make_default: bool = True) -> dict:
     """Configure and build an x86_64 bzImage from the Linux tree at `source` with
-    `fragment` merged into defconfig + kvm_guest.config; record and return it."""
+    `fragment` merged into defconfig + kvm_guest.config; record and return it.
+    `configure_only`: stop once the fragment is checked against the final .config and
+    return {"config", "fragment", "options"} instead (nothing is built or recorded)."""
     src = Path(source).resolve()
     if not src.is_dir():
         raise LabError(f"--source {source}: no such directory")
@@ -124,6 +149,7 @@ def build_kernel(source: PathLike, out: PathLike, fragment: PathLike, *,
     frag = Path(fragment).resolve()
     if not frag.is_file():
         raise LabError(f"config fragment not found: {fragment}")
+    opts = check_fragment(frag)
     if shutil.which("make") is None:
         raise LabError("make not found: install the Debian packages build-essential, "
                        "flex, bison, bc, libelf-dev, libssl-dev")
@@ -137,16 +163,22 @@ def build_kernel(source: PathLike, out: PathLike, fragment: PathLike, *,
             if missing:
                 raise LabError(f"{b / '.config'}: the fragment's settings did not survive "
                                f"olddefconfig (unmet dependencies?): {', '.join(missing)}")
+            if configure_only:
+                return {"config": str(b / ".config"), "fragment": str(frag),
+                        "options": len(opts), "log": str(log)}
         _run(step, argv, src, log, note, step_timeout)
     image = b / "arch/x86/boot/bzImage"
     if not image.is_file():
         raise LabError(f"the build left no {image} (log {log})")
-    return record_kernel(image, out, origin=f"built from {src} with {frag.name}")
+    return record_kernel(image, out, origin=f"built from {src} with {frag.name}",
+                         make_default=make_default)
 
 
-def record_kernel(image: PathLike, out: PathLike, origin: Optional[str] = None) -> dict:
+def record_kernel(image: PathLike, out: PathLike, origin: Optional[str] = None,
+                  make_default: bool = True) -> dict:
     """Check that `image` is an x86 bzImage with a kho-vN ABI string, copy it into `out`
-    as bzImage-<release> and record it there (RECORD) as the lab's kernel."""
+    as bzImage-<release>, list it in KERNELS and (`make_default`) record it there
+    (RECORD) as the lab's kernel."""
     src = Path(image)
     try:
         info = inspect_kernel_image(str(src))
@@ -168,8 +200,31 @@ def record_kernel(image: PathLike, out: PathLike, origin: Optional[str] = None) 
            "memfd": info.memfd, "sha256": sha256_file(dst),
            "origin": origin or f"prebuilt {src.resolve()}",
            "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (dest / RECORD).write_text(json.dumps(rec, indent=1) + "\n")
+    index = _index(dest)
+    index[str(info.release)] = rec
+    (dest / KERNELS).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    if make_default:
+        (dest / RECORD).write_text(json.dumps(rec, indent=1) + "\n")
     return rec
+
+
+def _index(out: Path) -> dict:
+    try:
+        raw = json.loads((out / KERNELS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def find_kernel(out: PathLike, release: str) -> Optional[Path]:
+    """The image of a kernel recorded in `out` with this release, if it is still there."""
+    rec = _index(Path(out)).get(release)
+    if isinstance(rec, dict) and Path(str(rec.get("path", ""))).is_file():
+        return Path(rec["path"])
+    default = recorded_kernel(out)
+    if default is not None and default.get("release") == release:
+        return Path(default["path"])
+    return None
 
 
 def recorded_kernel(out: PathLike) -> Optional[dict]:

@@ -1,5 +1,6 @@
-"""Build the lab guests' root filesystem: a Debian (bookworm) ext4 image with sshd, python3
-and kexec-tools, made without mounting anything (debootstrap + `mkfs.ext4 -d`).
+"""Build the lab guests' root filesystem: a Debian ext4 image (bookworm by default, or sid
+with systemd >= 262 and systemd-networkd) with sshd, python3 and kexec-tools, made without
+mounting anything (debootstrap + `mkfs.ext4 -d`).
 
     image = build_rootfs(Path(".lab/cache"), Path("bzImage-7.2.13-kho"), pubkey,
                          extra_kernels=[Path("bzImage-7.2.13-lab-b")])
@@ -33,13 +34,18 @@ from kho_agent.digest import sha256_file
 
 from ..errors import KhoFleetError
 
-__all__ = ["RootfsError", "DEFAULT_PACKAGES", "DEFAULT_SUITE", "build_rootfs", "cached_rootfs",
-           "find_debian_mirror", "image_key"]
+__all__ = ["RootfsError", "DEFAULT_PACKAGES", "DEFAULT_SUITE", "SUITES", "build_rootfs",
+           "cached_rootfs", "find_debian_mirror", "image_key", "suite_packages"]
 
 DEFAULT_SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_PACKAGES = ("python3", "openssh-server", "kexec-tools", "iproute2", "ifupdown",
                     "isc-dhcp-client", "systemd-sysv", "udev", "procps")
+# Debian sid (systemd >= 262, the LUO-aware PID 1; python3 3.14): no isc-dhcp-client there,
+# so eth0 is configured by systemd-networkd (a .network file with DHCP=yes, enabled below).
+SID_PACKAGES = ("python3", "openssh-server", "kexec-tools", "iproute2", "systemd-sysv", "udev",
+                "procps", "dbus")
+SUITES = {"bookworm": DEFAULT_PACKAGES, "sid": SID_PACKAGES}
 IMAGE_SIZE = 2 << 30
 # Bump when the recipe below changes in a way that must invalidate cached trees/images.
 _RECIPE_VERSION = 1
@@ -49,6 +55,13 @@ PathLike = Union[str, Path]
 
 class RootfsError(KhoFleetError, RuntimeError):
     """The root filesystem could not be built; the message is one line naming the step."""
+
+
+def suite_packages(suite: str) -> tuple:
+    """The package list of a lab suite (bookworm: ifupdown + dhclient; sid: networkd)."""
+    if suite not in SUITES:
+        raise RootfsError(f"suite {suite!r}: the lab builds {' or '.join(SUITES)}")
+    return SUITES[suite]
 
 
 def _key(obj: object) -> str:
@@ -182,9 +195,40 @@ UseDNS no
 """
 
 
-def _configure_tree(tree: Path) -> None:
+_NETWORKD = """\
+# kho-fleet lab guest (QEMU user networking), systemd-networkd
+[Match]
+Name=eth0
+
+[Network]
+DHCP=yes
+"""
+
+
+def _enable_networkd(tree: Path) -> None:
+    """Enable systemd-networkd offline (the symlinks `systemctl enable` would make)."""
+    for unit, wants in (("systemd-networkd.service", "multi-user.target.wants"),
+                        ("systemd-networkd.socket", "sockets.target.wants")):
+        src = next((d / unit for d in (tree / "usr/lib/systemd/system", tree / "lib/systemd/system")
+                    if (d / unit).is_file()), None)
+        if src is None:
+            if unit.endswith(".socket"):
+                continue
+            raise RootfsError(f"{unit} not in the debootstrapped tree: cannot configure eth0")
+        link = tree / "etc/systemd/system" / wants / unit
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        link.symlink_to("/" + str(src.relative_to(tree)))
+
+
+def _configure_tree(tree: Path, suite: str = DEFAULT_SUITE) -> None:
     """Settings that do not depend on the key or kernels (baked into the cached tree)."""
-    _write(tree, "etc/network/interfaces", _INTERFACES)
+    if suite == "sid":
+        _write(tree, "etc/systemd/network/20-eth0.network", _NETWORKD)
+        _enable_networkd(tree)
+    else:
+        _write(tree, "etc/network/interfaces", _INTERFACES)
     _write(tree, "etc/fstab", "/dev/vda / ext4 defaults 0 1\n")
     _write(tree, "etc/hostname", "kho-lab\n")
     _write(tree, "etc/hosts", "127.0.0.1 localhost\n127.0.1.1 kho-lab\n")
@@ -196,7 +240,10 @@ def _configure_tree(tree: Path) -> None:
         deb.unlink()
 
 
-def _build_tree(tree: Path, suite: str, mirror: str, packages: Sequence[str]) -> None:
+def _build_tree(tree: Path, suite: str, mirror: str, packages: Sequence[str],
+                arch: str = "x86_64", kernel: Optional[Path] = None) -> None:
+    if arch == "arm64":
+        return _build_tree_arm64(tree, suite, mirror, packages, kernel)
     if os.geteuid() != 0:
         raise RootfsError("debootstrap needs root (chroot, device nodes): run as root or "
                           "use a cached image")
@@ -208,8 +255,40 @@ def _build_tree(tree: Path, suite: str, mirror: str, packages: Sequence[str]) ->
     _run(f"debootstrap {suite} from {mirror}",
          [debootstrap, "--variant=minbase", "--include=" + ",".join(packages), suite,
           str(tmp), mirror], 1800, env)
-    _configure_tree(tmp)
+    _configure_tree(tmp, suite)
     os.replace(tmp, tree)
+
+
+def _build_tree_arm64(tree: Path, suite: str, mirror: str, packages: Sequence[str],
+                      kernel: Optional[Path]) -> None:
+    """An arm64 tree: foreign debootstrap here, second stage in a guest (rootfs_arm64)."""
+    from . import rootfs_arm64 as a64
+    if os.geteuid() != 0:
+        raise RootfsError("debootstrap needs root (device nodes, ownership): run as root or "
+                          "use a cached image")
+    if kernel is None:
+        raise RootfsError("an arm64 tree is finished in an arm64 guest: give an arm64 kernel")
+    debootstrap = _ensure_tool("debootstrap", "debootstrap")
+    mkfs = _ensure_tool("mkfs.ext4", "e2fsprogs")
+    debugfs = _ensure_tool("debugfs", "e2fsprogs")
+    tmp, work, out = (tree.with_name(tree.name + x) for x in (".foreign", ".stage2", ".tmp"))
+    for d in (tmp, work, out):
+        if d.exists():
+            shutil.rmtree(d)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        a64.foreign_debootstrap(lambda step, argv, t: _run(step, argv, t, env), debootstrap, tmp,
+                                suite, mirror, packages)
+        image = a64.second_stage(_run, mkfs, tmp, kernel, work)
+        a64.tree_from_image(_run, debugfs, image, out)
+    except RuntimeError as e:
+        if isinstance(e, RootfsError):
+            raise
+        raise RootfsError(str(e)) from None
+    _configure_tree(out, suite)
+    os.replace(out, tree)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _build_image(tree: Path, image: Path, kernels: Sequence[Path], ssh_pubkey: str) -> None:
@@ -240,8 +319,9 @@ def _build_image(tree: Path, image: Path, kernels: Sequence[Path], ssh_pubkey: s
 
 def _plan(cache_dir: PathLike, kernel: PathLike, ssh_pubkey: str,
           extra_kernels: Sequence[PathLike], suite: str, mirror: Optional[str],
-          packages: Sequence[str]) -> tuple:
+          packages: Sequence[str], arch: str = "x86_64") -> tuple:
     cache = Path(cache_dir).resolve()
+    suite_packages(suite)
     kernels = [Path(kernel)] + [Path(k) for k in extra_kernels]
     for k in kernels:
         if not k.is_file():
@@ -250,6 +330,9 @@ def _plan(cache_dir: PathLike, kernel: PathLike, ssh_pubkey: str,
         raise RootfsError("ssh_pubkey is not an OpenSSH public key line")
     mirror = (mirror or find_debian_mirror(suite)).rstrip("/")
     tree_key, img_key = image_key(kernels, ssh_pubkey, suite, mirror, packages)
+    if arch != "x86_64":                   # x86 keys stay as they were (existing caches)
+        tree_key, img_key = _key([tree_key, arch]), _key([img_key, arch])
+        suite = f"{arch}-{suite}"
     return (cache, kernels, mirror, cache / f"debootstrap-{suite}-{tree_key}",
             cache / f"rootfs-{img_key}.img")
 
@@ -257,24 +340,31 @@ def _plan(cache_dir: PathLike, kernel: PathLike, ssh_pubkey: str,
 def cached_rootfs(cache_dir: PathLike, kernel: PathLike, ssh_pubkey: str, *,
                   extra_kernels: Sequence[PathLike] = (), suite: str = DEFAULT_SUITE,
                   mirror: Optional[str] = None,
-                  packages: Sequence[str] = DEFAULT_PACKAGES) -> Optional[Path]:
+                  packages: Optional[Sequence[str]] = None,
+                  arch: str = "x86_64") -> Optional[Path]:
     """The image build_rootfs() would return if it is already built, else None."""
-    image = _plan(cache_dir, kernel, ssh_pubkey, extra_kernels, suite, mirror, packages)[4]
+    packages = suite_packages(suite) if packages is None else packages
+    image = _plan(cache_dir, kernel, ssh_pubkey, extra_kernels, suite, mirror, packages,
+                  arch)[4]
     return image if image.is_file() else None
 
 
 def build_rootfs(cache_dir: PathLike, kernel: PathLike, ssh_pubkey: str, *,
                  extra_kernels: Sequence[PathLike] = (), suite: str = DEFAULT_SUITE,
                  mirror: Optional[str] = None,
-                 packages: Sequence[str] = DEFAULT_PACKAGES) -> Path:
+                 packages: Optional[Sequence[str]] = None, arch: str = "x86_64") -> Path:
     """Path of a raw ext4 image (2 GiB, sparse) with Debian `suite`, `ssh_pubkey` in root's
     authorized_keys and `kernel` (+ `extra_kernels`) in /boot under their own names.
 
-    `mirror` defaults to this machine's APT mirror for `suite`. Cached in `cache_dir` by
-    content; RootfsError (one line) when a step fails. Building the Debian tree needs root.
+    `mirror` defaults to this machine's APT mirror for `suite` (`suite` is "bookworm" or
+    "sid"; `packages` defaults to the suite's list). `arch` "arm64": the tree is finished in
+    a first arm64 guest boot of `kernel` (rootfs_arm64.py; ~17 min under TCG). Cached in
+    `cache_dir` by content; RootfsError (one line) when a step fails. Building the Debian
+    tree needs root.
     """
+    packages = suite_packages(suite) if packages is None else packages
     cache, kernels, mirror, tree, image = _plan(cache_dir, kernel, ssh_pubkey, extra_kernels,
-                                                suite, mirror, packages)
+                                                suite, mirror, packages, arch)
     if image.is_file():
         return image
     try:
@@ -285,7 +375,7 @@ def build_rootfs(cache_dir: PathLike, kernel: PathLike, ssh_pubkey: str, *,
         if image.is_file():  # built by someone else while we waited
             return image
         if not tree.is_dir():
-            _build_tree(tree, suite, mirror, packages)
+            _build_tree(tree, suite, mirror, packages, arch, kernels[0])
         _build_image(tree, image, kernels, ssh_pubkey)
         image.with_suffix(".json").write_text(json.dumps({
             "suite": suite, "mirror": mirror, "packages": list(packages),

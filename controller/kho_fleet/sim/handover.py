@@ -19,12 +19,12 @@ from typing import Any, Optional
 
 import kho_agent
 
-from .faults import ALL_FAULTS, TWIN_FAULTS
+from .faults import TWIN_FAULTS, Fault, check_placement, parse_fault
 from .kernelimage import make_kernel_image
 from .twinkernel import TwinError, TwinHandle, start_twin
 
 __all__ = ["SimResult", "agent_env", "run_agent", "drive_handover", "run_sim_handover",
-           "workload_spec"]
+           "workload_spec", "check_sim_fault"]
 
 
 @dataclass
@@ -71,14 +71,28 @@ def workload_spec(workload_mib: int) -> dict:
     ]}
 
 
+def spec_sizes(spec: dict) -> dict[tuple[str, int], int]:
+    """{(session, token): size} of a workload_spec() document."""
+    return {(s["name"], int(m["token"])): int(m["size"])
+            for s in spec["sessions"] for m in s["memfds"]}
+
+
+def check_sim_fault(text: str, workload_mib: int, page_size: int = 4096) -> Fault:
+    """The parsed fault for `kho-fleet sim handover --fault TEXT`; FaultError (one line) if
+    it is unknown or names a place that is not in the sim's workloads."""
+    f = parse_fault(text)
+    check_placement(f, spec_sizes(workload_spec(workload_mib)), page_size,
+                    where=f"the sim's workloads ({workload_mib} MiB)")
+    return f
+
+
 def run_sim_handover(workdir: str, *, fault: Optional[str] = None, workload_mib: int = 64,
                      boot_delay: float = 0.5, boot_timeout: float = 30.0,
                      page_size: int = 4096, release: str = "7.2.13-twin",
                      target_release: str = "7.2.14-twin", kho: str = "kho-v4") -> SimResult:
     """Power on a fresh twin host under `workdir`, hand its workloads over to a new kernel,
     and return the agent's handover report (or the controller's verdict if it never returns)."""
-    if fault is not None and fault not in ALL_FAULTS:
-        raise ValueError(f"unknown fault {fault!r} (known: {', '.join(ALL_FAULTS)})")
+    parsed = None if fault is None else check_sim_fault(fault, workload_mib, page_size)
     root = os.path.abspath(os.path.join(workdir, "host"))
     os.makedirs(workdir, exist_ok=True)
     image = make_kernel_image(os.path.join(workdir, f"bzImage-{target_release}"), target_release,
@@ -87,7 +101,8 @@ def run_sim_handover(workdir: str, *, fault: Optional[str] = None, workload_mib:
     with open(spec_path, "w") as f:
         json.dump(workload_spec(workload_mib), f)
     ram = max(256, workload_mib * 3 + 128)
-    faults = [fault] if fault in TWIN_FAULTS else []
+    faults = [fault] if fault is not None and parsed is not None \
+        and parsed.name in TWIN_FAULTS else []
     if fault == "kill-agent-before-finish":
         # the agent retrieves its own journal memfd first: kill it after the second
         # RETRIEVE_FD, i.e. with the first workload retrieved but its session not FINISHed

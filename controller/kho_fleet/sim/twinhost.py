@@ -41,10 +41,13 @@ from .twinmem import (
     MIB,
     RESERVED,
     SCRATCH,
+    THP_DEFAULT,
+    THP_FILE,
     PageCache,
     PhysMem,
     Region,
     page_flags,
+    thp_file_text,
 )
 
 __all__ = ["Errno", "KernelSpec", "Handoff", "TwinHost", "layout", "known_kho",
@@ -127,10 +130,11 @@ class TwinHost(LuoMixin):
         self.out_sessions: list[OutSession] = []
         self.session_blocks: list[int] = []
         self.busy_idents: dict[tuple[int, int], str] = {}   # luo_preserved_files
-        self.cache = PageCache(self.mem)
+        self.cache = PageCache(self.mem, thp_path=self.path(THP_FILE))
         self.in_sessions: list[InSession] = []
         self.in_blocks: list[int] = []
         self.in_pfns: set[int] = set()   # preserved by the previous kernel, not restored
+        self.in_order = bytearray()      # per PFN: 1 + the order it was preserved at, or 0
         self.deserialized = False
         self.deser_err = 0
 
@@ -172,6 +176,7 @@ class TwinHost(LuoMixin):
         self.put("proc/btime", f"{self.boot_time:.6f}\n")
         self.put("proc/pagesize", f"{self.ps}\n")
         self.put("sys/kernel/kexec_loaded", "0\n")
+        self.put(THP_FILE, thp_file_text(THP_DEFAULT))     # sysfs: back to the boot default
         os.makedirs(self.path("sys/kernel/debug"), exist_ok=True)
         os.makedirs(self.path("var/lib/kho-agent"), exist_ok=True)
         img = self.path(f"boot/vmlinuz-{s.release}")
@@ -245,6 +250,7 @@ class TwinHost(LuoMixin):
         mem.write(kern, f"Linux version {spec.release} (kho-fleet twin) #1 SMP\n".encode()
                   .ljust(self.ps, b"\0"))
         self.in_pfns = {p for p in range(len(keep)) if keep[p]}
+        self.in_order = keep
         for pfn in self.in_pfns:
             mem.owner[pfn] = INCOMING
         for i, pa in enumerate(old_nodes):
@@ -293,7 +299,7 @@ class TwinHost(LuoMixin):
             return None, []
         for pa, order, count in walk.blocks:
             first = pa // self.ps
-            keep[first:first + (count << order)] = b"\x01" * (count << order)
+            keep[first:first + (count << order)] = bytes([order + 1]) * (count << order)
         return blob[:size], walk.node_pages
 
     def _kho_init(self, in_fdt: Optional[bytes]) -> int:

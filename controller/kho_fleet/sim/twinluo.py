@@ -6,6 +6,13 @@ EBUSY (file already preserved), ENOENT (unknown session/token, no handler: not a
 EINVAL (wrong session direction, retrieved twice, bad name), EIO (a folio the previous
 kernel did not preserve: kho_restore_folio() fails; the failure sticks).
 
+What memfd-v2 carries, as the kernel does: size, pos (again at freeze), seals (only
+MEMFD_LUO_ALL_SEALS, else EOPNOTSUPP), and one memfd_luo_folio_ser per folio with the
+folio preserved at its order (kho_preserve_folio); the next kernel restores each folio at
+the order the radix tree gave it (`in_order`), so large folios come back large. Holes
+are filled at preserve (memfd_pin_folios allocates every index): the retrieved file has
+no holes and they read as zeros.
+
 `LuoMixin` is the LUO half of TwinHost (twinhost.py), which provides mem, ps, spec,
 tree, cache, log(), alloc_preserve(), unpreserve_free(), sync_tree() and the state
 initialised in TwinHost._reset_state().
@@ -42,6 +49,18 @@ _NAME_MAX = 64                      # LIVEUPDATE_SESSION_NAME_LENGTH (with the N
 KERNEL_DATA = b"twin kernel data "
 
 
+def _raise_nofile() -> None:
+    """The twin's server holds an fd per session and two per preserved file (hundreds in
+    the stress scenarios): its soft RLIMIT_NOFILE goes up to the hard limit."""
+    import resource
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):
+        pass
+
+
 class Errno(Exception):
     """A failed kernel operation: errno and a one-line message."""
 
@@ -61,6 +80,7 @@ class OutFile:
     pfns: list[int]
     ser_pa: int
     extra: list[int]
+    folios: list[tuple[int, int, int]] = field(default_factory=list)  # (index, pfn, order)
 
 
 @dataclass
@@ -114,6 +134,7 @@ class LuoMixin:
     in_sessions: list[InSession]
     in_blocks: list[int]
     in_pfns: set[int]
+    in_order: bytearray       # per PFN: 0 not preserved, else 1 + the order it was preserved at
     deserialized: bool
     deser_err: int
 
@@ -208,6 +229,7 @@ class LuoMixin:
     # --- /dev/liveupdate ----------------------------------------------------------------------
     def device_open(self) -> None:
         """luo_open(): the first open deserializes incoming sessions (EIO if that failed)."""
+        _raise_nofile()
         if not self.deserialized:
             self.deserialized = True
             self.mem.free(pa // self.ps for pa in self.in_blocks)   # kho_block_set_destroy
@@ -296,9 +318,22 @@ class LuoMixin:
             self.cache.fill(fd, pfns, size)
             self._fit_blocks(sess.blocks, len(sess.files) + 1, luo_abi.FILE_SER.size)
             assert self.tree is not None
-            for pfn in pfns:
-                self.tree.add(pfn * self.ps, 0)          # kho_preserve_folio()
-            folios = [memfd_abi.MemfdFolio(pfn, _FOLIO_FLAGS, i) for i, pfn in enumerate(pfns)]
+            layout = ent.folios(npages)
+            run_pa, run_n = 0, 0           # kho_preserve_folio(); order-0 runs a leaf at a time
+            for _, pfn, order in layout:
+                if order == 0 and run_n and pfn * self.ps == run_pa + run_n * self.ps:
+                    run_n += 1
+                    continue
+                if run_n:
+                    self.tree.add_run(run_pa, 0, run_n)
+                    run_n = 0
+                if order == 0:
+                    run_pa, run_n = pfn * self.ps, 1
+                else:
+                    self.tree.add(pfn * self.ps, order)
+            if run_n:
+                self.tree.add_run(run_pa, 0, run_n)
+            folios = [memfd_abi.MemfdFolio(pfn, _FOLIO_FLAGS, i) for i, pfn, _ in layout]
             ser_pa, extra = write_memfd(size, folios, self.ps,
                                         lambda: self.mem.alloc_page(KERNEL),
                                         self.mem.write, pos=pos, seals=seals)
@@ -308,15 +343,15 @@ class LuoMixin:
         for pa, order in extra:
             self.tree.add(pa, order)
         sess.files.append(OutFile(token, os.dup(fd), ident, size, pfns, ser_pa,
-                                  [pa for pa, _ in extra]))
+                                  [pa for pa, _ in extra], layout))
         self.busy_idents[ident] = f"session {sess.name!r} token {token}"
         self.sync_tree()
 
     def _unpreserve(self, f: OutFile) -> None:
         """memfd_luo_unpreserve(): the folios stay in the file; the metadata is freed."""
         assert self.tree is not None
-        for pfn in f.pfns:
-            self.tree.remove(pfn * self.ps, 0)
+        for _, pfn, order in f.folios:
+            self.tree.remove(pfn * self.ps, order)
         self.unpreserve_free(f.extra)
         ent = self.cache.entries.get(f.ident)
         if ent is not None:
@@ -345,6 +380,20 @@ class LuoMixin:
         self.busy_idents[ident] = f"incoming session {sess.name!r} token {token}"
         return fd
 
+    def _folio_order(self, pfn: int) -> Optional[int]:
+        """kho_restore_folio(): the order `pfn` was preserved at as a folio head, None if it
+        was not preserved (or is not a head: misaligned, or part of a bigger block)."""
+        code = self.in_order[pfn] if 0 <= pfn < len(self.in_order) else 0
+        if not code or pfn not in self.in_pfns:
+            return None
+        order = code - 1
+        return order if pfn % (1 << order) == 0 else None
+
+    def _folio_pages(self, pfn: int) -> list[int]:
+        """Physical addresses of the pages of the preserved folio at `pfn`."""
+        order = self._folio_order(pfn) or 0
+        return [(pfn + i) * self.ps for i in range(1 << order)]
+
     def _restore_pages(self, pas: list[int]) -> bool:
         """kho_restore_pages(): every page must be one the previous kernel preserved."""
         return all(pa // self.ps in self.in_pfns for pa in pas)
@@ -368,20 +417,29 @@ class LuoMixin:
             folios = memfd_abi.read_memfd(self.mem.read, ser_pa, ps).folios
         fd = os.memfd_create("", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
         restored: list[int] = []
+        by_index: dict[int, int] = {}        # page index -> pfn
+        orders: dict[int, int] = {}          # head index -> order (> 0)
         try:
             for i, fo in enumerate(folios):
                 if not fo.pfn:
                     continue
-                if fo.pfn not in self.in_pfns:               # kho_restore_folio() fails
+                order = self._folio_order(fo.pfn)
+                if order is None:                            # kho_restore_folio() fails
                     self.log(f"memfd_luo: Unable to restore folio at physical address: "
                              f"{fo.pfn * ps:x}")
                     self.mem.free(restored)                  # freed with the file
-                    self._free_in([x.pfn * ps for x in folios[i + 1:]])
+                    self._free_in([pa for x in folios[i + 1:] if x.pfn
+                                   for pa in self._folio_pages(x.pfn)])
                     raise Errno(errno.EIO, f"folio at 0x{fo.pfn * ps:x} was not preserved")
-                os.pwrite(fd, self.mem.read(fo.pfn * ps, ps), fo.index * ps)
-                restored.append(fo.pfn)
-                self.in_pfns.discard(fo.pfn)
-                self.mem.owner[fo.pfn] = PAGECACHE
+                n = 1 << order
+                os.pwrite(fd, self.mem.read(fo.pfn * ps, ps * n), fo.index * ps)
+                for k in range(n):
+                    restored.append(fo.pfn + k)
+                    by_index[fo.index + k] = fo.pfn + k
+                    self.in_pfns.discard(fo.pfn + k)
+                    self.mem.owner[fo.pfn + k] = PAGECACHE
+                if order:
+                    orders[fo.index] = order
             os.ftruncate(fd, m.size)
             os.lseek(fd, m.pos, os.SEEK_SET)
             if m.seals:
@@ -391,8 +449,8 @@ class LuoMixin:
             raise
         finally:
             self._free_in([ser_pa] + vm_pages)              # kho_restore_free / vfree
-        pfns = [fo.pfn for fo in sorted(folios, key=lambda x: x.index) if fo.pfn]
-        return fd, self.cache.adopt(fd, pfns)
+        pfns = [by_index[i] for i in sorted(by_index)]
+        return fd, self.cache.adopt(fd, pfns, orders)
 
     def _free_in(self, pas: list[int]) -> None:
         for pa in pas:
@@ -414,7 +472,8 @@ class LuoMixin:
             return
         m = memfd_abi.read_memfd(self.mem.read, ser_pa, self.ps)
         vm = read_vmalloc_pages(self.mem.read, m.folios_desc, self.ps) if m.nr_folios else None
-        pages = [ser_pa] + ([p * self.ps for p in memfd_abi.folio_pfns(m)] if m.folios else [])
+        pages = [ser_pa] + ([pa for p in memfd_abi.folio_pfns(m) if p
+                             for pa in self._folio_pages(p)] if m.folios else [])
         if vm is not None:
             pages += vm.phys + vm.chunks
         self._free_in(pages)
@@ -445,7 +504,14 @@ class LuoMixin:
         return [(f.token, p) for s in self.out_sessions for f in s.files for p in f.pfns]
 
     def drop_from_tree(self, pfn: int) -> None:
-        """Fault `lost-page`: the page is missing from the tree the next kernel walks."""
+        """Fault `lost-page`: the page is missing from the tree the next kernel walks (a
+        page of a large folio: the whole folio, whose one key covers it)."""
         assert self.tree is not None
-        self.tree.remove(pfn * self.ps, 0)
+        head, order = pfn, 0
+        for s in self.out_sessions:
+            for f in s.files:
+                for _, hp, o in f.folios:
+                    if o and hp <= pfn < hp + (1 << o):
+                        head, order = hp, o
+        self.tree.remove(head * self.ps, order)
         self.sync_tree()

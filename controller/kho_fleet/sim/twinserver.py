@@ -25,12 +25,15 @@ from kho_agent.atomicfile import atomic_write
 from kho_agent.kernel import twinproto as proto
 from kho_agent.kimage import inspect_kernel_image
 
-from .faults import TWIN_FAULTS
+from .faults import TWIN_FAULTS, Fault, FaultError
+from .faults import parse_fault as parse_fault_text
 from .twinhost import Errno, InSession, KernelSpec, OutSession, TwinHost, known_kho
+from .twinsystemd import TwinSystemd
 
 __all__ = ["TwinError", "TwinConfig", "TwinServer", "check_fault", "parse_fault"]
 
 _PAGE_SIZES = (4096, 16384, 65536)
+PAGE_FAULTS = ("bitflip", "lost-page", "zero-page", "swap-pages", "drop-folio", "stale-page")
 _SUN_PATH_MAX = 107
 log = logging.getLogger("kho_fleet.twin")
 
@@ -81,8 +84,11 @@ class TwinConfig:
 
 
 def check_fault(name: str) -> str:
-    if name not in TWIN_FAULTS:
-        raise TwinError(f"unknown fault {name!r} (known: {', '.join(TWIN_FAULTS)})")
+    """`name` if it is a twin fault (bare, or placed: faults.parse_fault), else TwinError."""
+    try:
+        parse_fault_text(name, TWIN_FAULTS)
+    except FaultError as e:
+        raise TwinError(str(e)) from None
     return name
 
 
@@ -124,6 +130,7 @@ class TwinServer:
         self.host: Optional[TwinHost] = None
         self.exempt = {os.getpid(), os.getppid(), 1, *cfg.outside_pids}
         self._post: list[Callable[[], None]] = []
+        self.systemd = TwinSystemd(self)          # PID 1: FD stores, systemctl kexec
 
     # --- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -205,6 +212,7 @@ class TwinServer:
     def _come_up(self) -> None:
         assert self.host is not None
         self.retrieves_this_boot = 0
+        self.systemd.after_boot()
         self._listen(proto.CONTROL, self._accept_control)
         if self.host.liveupdate:
             self._listen(proto.DEV_LIVEUPDATE, self._accept_device)
@@ -424,6 +432,9 @@ class TwinServer:
         assert h is not None
         if op == "status":
             return {"ok": True, **self._status()}, []
+        pid1 = self.systemd.op(op, msg, fds)
+        if pid1 is not None:
+            return pid1
         if op == "sync":                     # every earlier close(2) has been released
             return {"ok": True}, []
         if op == "pagemap":
@@ -432,6 +443,11 @@ class TwinServer:
             return {"ok": True, "pfns": h.pagemap(fds[0], int(msg.get("size", 0)))}, []
         if op == "kpageflags":
             return {"ok": True, "flags": h.page_flags([int(p) for p in msg.get("pfns", [])])}, []
+        if op == "shmem_huge":               # how a memfd was filled (madvise of its mapping)
+            if len(fds) != 1:
+                raise Errno(errno.EBADF, "shmem_huge needs exactly one fd")
+            h.cache.set_hint(fds[0], str(msg.get("mode")))
+            return {"ok": True}, []
         if op == "kexec_load":
             h.kexec_load(self._load_spec(msg))
             self._write_state()
@@ -498,6 +514,7 @@ class TwinServer:
             return
         target = h.loaded
         self._drain_eofs()              # sessions closed before reboot() are gone
+        self.systemd.before_kexec()     # kexec -e: systemd-shutdown never ran
         self.state = "booting"
         self._stop_listening()
         self._write_state()
@@ -507,6 +524,7 @@ class TwinServer:
         self._kill(self._victims(), f"kexec -> {target.release}")
         self._close_all()
         handoff = h.shutdown()
+        self.systemd.after_kexec()
         if "abi-mismatch" in self.faults and target.kho is not None:
             other = "kho-v3" if target.kho != "kho-v3" else "kho-v4"
             target = replace(target, kho=other)
@@ -525,6 +543,10 @@ class TwinServer:
         self._after(delay, self._come_up)
 
     def _page_faults(self) -> None:
+        """The page faults, applied to the serialized memory before the next kernel reads
+        it: at a named place (faults.py), else at a seeded random preserved page. What
+        was done is in last_faults under the fault's text (offset: bytes into the memfd
+        for a placed fault, into the page for a bare bitflip, as it always was)."""
         h = self.host
         assert h is not None
         pages = h.preserved_data_pages()
@@ -543,6 +565,71 @@ class TwinServer:
             pa = pfn * h.ps + off
             h.mem.write(pa, bytes([h.mem.read(pa, 1)[0] ^ (1 << bit)]))
             h.last_faults["bitflip"] = {"token": token, "pfn": pfn, "offset": off, "bit": bit}
+        for text in sorted(self.faults):
+            f = parse_fault_text(text, TWIN_FAULTS)
+            if f.name in ("bitflip", "lost-page") and f.place is None:
+                continue                                       # done above, as before
+            if f.name in PAGE_FAULTS:
+                try:
+                    h.last_faults[text] = self._page_fault(f)
+                except Errno as e:
+                    log.warning("fault %s: %s", text, e)
+                    h.last_faults[text] = {"error": str(e)}
+
+    def _place(self, f: Fault) -> list[tuple[str, int, int, int]]:
+        """[(session, token, offset, pfn)] the fault strikes: its place, or random pages
+        (two of one memfd for swap-pages). Errno ENOENT for a place that is not preserved."""
+        h = self.host
+        assert h is not None
+        ps, rng = h.ps, h.mem.rng
+        files = [(s.name, fl) for s in h.out_sessions for fl in s.files if fl.pfns]
+        if f.place is None:
+            many = [(n, fl) for n, fl in files if len(fl.pfns) > 1]
+            pool = many if f.name == "swap-pages" else files
+            if not pool:
+                raise Errno(errno.ENOENT, "no preserved memfd to fault")
+            name, fl = pool[rng.randrange(len(pool))]
+            idx = rng.sample(range(len(fl.pfns)), 2 if f.name == "swap-pages" else 1)
+            offs = [i * ps + (rng.randrange(ps) if f.name == "bitflip" else 0) for i in idx]
+        else:
+            p = f.place
+            hit = next((fl for n, fl in files if n == p.session and fl.token == p.token), None)
+            if hit is None:
+                raise Errno(errno.ENOENT, f"no preserved memfd {p.session}/{p.token:#x}")
+            name, fl, offs = p.session, hit, list(p.offsets)
+            bad = [o for o in offs if o // ps >= len(fl.pfns)]
+            if bad:
+                raise Errno(errno.ENOENT, f"offset {bad[0]:#x} is past the end of "
+                            f"{name}/{fl.token:#x} ({len(fl.pfns)} pages)")
+        return [(name, fl.token, o, fl.pfns[o // ps]) for o in offs]
+
+    def _page_fault(self, f: Fault) -> dict[str, Any]:
+        h = self.host
+        assert h is not None
+        ps, mem = h.ps, h.mem
+        where = self._place(f)
+        name, token, off, pfn = where[0]
+        out: dict[str, Any] = {"session": name, "token": token, "offset": off, "pfn": pfn}
+        pa = pfn * ps
+        if f.name == "bitflip":
+            bit = mem.rng.randrange(8)
+            at = pa + off % ps
+            mem.write(at, bytes([mem.read(at, 1)[0] ^ (1 << bit)]))
+            out["bit"] = bit
+        elif f.name in ("zero-page", "stale-page"):
+            # stale-page: an old copy of the page -- as it was before its data was
+            # written (a fresh page of the file); the twin keeps no older version
+            mem.write(pa, bytes(ps))
+        elif f.name == "swap-pages":
+            _, _, off2, pfn2 = where[1]
+            a, b = mem.read(pa, ps), mem.read(pfn2 * ps, ps)
+            mem.write(pa, b)
+            mem.write(pfn2 * ps, a)
+            out.update(offsets=[off, off2], pfns=[pfn, pfn2])
+        elif f.name == "drop-folio":
+            h.drop_from_tree(pfn)
+        out["page_offset"] = off - off % ps
+        return out
 
     def _victims(self) -> set[int]:
         """Processes of the old kernel: peers, and holders of twin fds or known memfds."""
@@ -617,12 +704,10 @@ def _fd_holders(links: set[str], idents: set[tuple[int, int]]) -> set[int]:
 
 
 def parse_fault(text: str) -> tuple[str, Optional[float]]:
-    """"NAME" or "NAME=SECONDS" (slow-boot) -> (name, value)."""
-    name, sep, val = text.partition("=")
-    check_fault(name)
-    if not sep:
-        return name, None
+    """"NAME", "NAME=SECONDS" (slow-boot) or a placed "NAME@SESSION/TOKEN:OFFSET"
+    (faults.py) -> (key, value): a placed fault is keyed by its whole text."""
     try:
-        return name, float(val)
-    except ValueError:
-        raise TwinError(f"fault {text!r}: value must be a number of seconds") from None
+        f = parse_fault_text(text, TWIN_FAULTS)
+    except FaultError as e:
+        raise TwinError(str(e)) from None
+    return (text, None) if f.place is not None else (f.name, f.value)

@@ -8,7 +8,7 @@ code and schema. Needs the `kho-fleet[temporal]` extra (temporalio); `state` doe
 
     workflow.py   RolloutWorkflow (stages, gates, failure policy, abort signal, status
                   query) and HostBatchWorkflow (up to `batch_size` hosts' lifecycles)
-    activities.py the host-step activity: one lifecycle step on one host (HostSteps)
+    activities.py the host-phase activity: a phase's steps on a few hosts (HostSteps)
     state.py      pure: host rows and their transitions (statedb's machine), Snapshot
     client.py     start / attach / status / abort / report from the CLI
     worker.py     `kho-fleet worker --site NAME`

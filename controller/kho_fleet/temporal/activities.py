@@ -1,11 +1,18 @@
-"""The host-step activity: one lifecycle step on one host, run by a worker of the host's site.
+"""The host-phase activity: a few lifecycle steps on a few hosts, run by a worker of their site.
 
-The workflow names the step; this runs it with hoststeps.HostSteps -- the code the embedded
-engine runs -- and returns what the workflow commits: the fields for the step's `to` state,
-or the host's final report, plus the events it logged. A failed step is a non-retryable
-ApplicationError (type HostFailed) carrying its phase, reason and the agent's report; only a
-worker lost mid-step (its heartbeats stop) makes Temporal run a step again, and the kexec's
-retry policy forbids even that.
+The workflow names a phase (consecutive steps of the lifecycle table, state.phase) and the
+hosts of one site that are ready for it at the same moment (at most state.GROUP_MAX); this
+runs each host's steps with hoststeps.HostSteps -- the code the embedded engine runs --
+concurrently in the worker's thread pool, and returns per host what the workflow commits:
+each completed step's fields (or the host's final report) with the time it completed, the
+events it logged, the boot marker when the phase ends with reading it, and the failure that
+stopped the host, if any. A host's failure is its own (the others of the call go on); only a
+worker lost mid-phase (its heartbeats stop) makes Temporal run the phase again, and the
+kexec phase's retry policy forbids even that.
+
+Why several steps and several hosts per activity: Temporal's cost is per activity and per
+workflow task (events persisted, tasks matched, payloads converted), not per host step; one
+activity per step and host cost 60-80 ms of worker CPU per host (docs/scale.md).
 
 The worker loads the rollout's inventory and playbook by the paths the workflow carries and
 refuses them if their sha256 differs from the rollout's (they changed since it started);
@@ -23,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
 from .. import lifecycle
 from ..artifacts import Artifacts, build_artifacts
@@ -36,7 +42,7 @@ from ..transport import TransportError
 
 __all__ = ["HostStepActivities", "ACTIVITY", "MARKER_STEP", "HEARTBEAT_S"]
 
-ACTIVITY = "kho_host_step"
+ACTIVITY = "kho_host_phase"
 MARKER_STEP = "boot_marker"        # not a lifecycle step: read the boot marker before the kexec
 HEARTBEAT_S = 1.0
 
@@ -85,24 +91,27 @@ class HostStepActivities:
             ro = self._rollouts[rid] = _Rollout(inv, pb, art)
             return ro
 
-    def run_step(self, inp: dict[str, Any]) -> dict[str, Any]:
-        """Run one step (blocking); see the module docstring for the result."""
+    def run_host(self, inp: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+        """Run one host's steps of the phase (blocking); see the module docstring."""
         events: list[dict[str, Any]] = []
-        name, step = inp["host"], inp["step"]
-        s: Optional[lifecycle.Step] = None if step == MARKER_STEP else lifecycle.step(step)
-        phase = s.failure_phase if s is not None else "kexec"
+        done: list[dict[str, Any]] = []
+        name = job["host"]
+        marker: Optional[str] = None
+        current: str = inp["steps"][0]
 
         def log(event: str, detail: str) -> None:
             events.append({"ts": time.time(), "event": event, "detail": detail})
 
         def committed(state: str, marker: str) -> None:
             """Nothing to commit: the workflow recorded `state` (and logged the boot marker)
-            before it scheduled this step -- its at-most-once rule."""
+            before it scheduled this phase -- its at-most-once rule."""
 
-        def failed(phase: str, reason: str, report: Optional[dict] = None) -> ApplicationError:
-            return ApplicationError(reason, {"phase": phase, "reason": reason, "report": report,
-                                             "events": events},
-                                    type="HostFailed", non_retryable=True)
+        def failed(phase: str, reason: str, report: Optional[dict] = None) -> dict[str, Any]:
+            return {"done": done, "marker": marker, "events": events,
+                    "failed": {"phase": phase, "reason": reason, "report": report}}
+
+        def phase_of(step: str) -> str:
+            return "kexec" if step == MARKER_STEP else lifecycle.step(step).failure_phase
         acc: Optional[HostAccess] = None
         try:
             ro = self._rollout(inp)
@@ -111,31 +120,38 @@ class HostStepActivities:
             host = ro.inv.hosts[name]
             acc = host_access(host, AccessOptions(sim_dir=inp["sim_dir"],
                                                   ssh_timeout=ro.pb.timeouts.ssh_s))
-            acc.prepare(power_on=bool(inp.get("power_on")))
+            acc.prepare(power_on=bool(job.get("power_on")))
             steps = HostSteps(acc, ro.art, ro.pb, host, log=log, commit_first=committed)
             steps.connect()
-            if s is None:
-                return {"marker": acc.boot_marker(), "events": events}
-            res = steps.perform(s, HostRun(marker=inp.get("marker")))
-            return {"fields": res.fields, "finished": res.finished, "events": events,
-                    "ts": time.time()}
+            run = HostRun(marker=job.get("marker"))
+            for current in inp["steps"]:
+                if current == MARKER_STEP:
+                    marker = acc.boot_marker()
+                    continue
+                res = steps.perform(lifecycle.step(current), run)
+                done.append({"step": current, "fields": res.fields, "finished": res.finished,
+                             "ts": time.time()})
+                if res.finished is not None:
+                    break
+            return {"done": done, "marker": marker, "events": events, "failed": None}
         except HostFailed as e:
-            raise failed(e.phase, str(e), e.report) from None
-        except (TransportError, OSError) as e:
-            raise failed(phase, _one_line(e)) from None
-        except KhoFleetError as e:
-            raise failed(phase, _one_line(e)) from None
+            return failed(e.phase, str(e), e.report)
+        except (TransportError, OSError, KhoFleetError) as e:
+            return failed(phase_of(current), _one_line(e))
         finally:
             if acc is not None:
                 acc.close()
 
     @activity.defn(name=ACTIVITY)
-    async def host_step(self, inp: dict[str, Any]) -> dict[str, Any]:
-        """Run the step in a thread, heartbeating so a lost worker is noticed in seconds."""
+    async def host_phase(self, inp: dict[str, Any]) -> dict[str, Any]:
+        """Run the phase for each host in the thread pool, heartbeating so a lost worker is
+        noticed in seconds. {"hosts": {name: result}}."""
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, self.run_step, inp)
-        while True:
-            done, _ = await asyncio.wait({fut}, timeout=HEARTBEAT_S)
-            if done:
-                return fut.result()
-            activity.heartbeat()
+        futs = {loop.run_in_executor(self._pool, self.run_host, inp, job): job["host"]
+                for job in inp["hosts"]}
+        pending = set(futs)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=HEARTBEAT_S)
+            if pending:
+                activity.heartbeat()
+        return {"hosts": {futs[f]: f.result() for f in futs}}

@@ -152,7 +152,7 @@ def make_plan(playbook_path: str, inventory_path: str, opts: RolloutOptions,
     inv = load_inventory(inventory_path)
     pb = load_playbook(playbook_path)
     stages = pb.assign_hosts(inv)
-    pb.target.check_files()
+    pb.check_files(inv)
     if pb.on_failure == "rollback":
         raise RolloutError(f"{pb.path}: on_failure: rollback is not available with --engine "
                            "temporal yet (use halt or continue, or the embedded engine)")

@@ -26,14 +26,53 @@ import json
 from dataclasses import fields as dc_fields
 from typing import Any, Optional
 
+from ..lifecycle import Step
 from ..statedb import HOST_STATES, Event, HostRow, RolloutRow, StageRow, entering
 
 __all__ = ["WORKFLOW_QUEUE", "site_queue", "new_host", "transition", "log", "Snapshot",
-           "HOST_FIELDS"]
+           "HOST_FIELDS", "phase", "phases", "GROUP_MAX"]
 
 WORKFLOW_QUEUE = "kho-fleet-workflows"      # the rollout workflows' own task queue
 HOST_FIELDS = tuple(f.name for f in dc_fields(HostRow))
 _SETTABLE = ("last_contact", "kexec_started_at", "back_at", "report", "error")
+GROUP_MAX = 25                  # hosts of a batch that one phase activity carries, at most
+
+
+def phase(ahead: list[Step]) -> list[Step]:
+    """The steps, from the first of `ahead`, that one activity runs for a host: up to (not
+    including) the next step an abort is honoured before, the at-most-once step, or the first
+    step that a dry run does not make; the at-most-once step itself starts a phase and runs
+    with the steps after it (if its activity is lost, those run again on their own).
+
+    One activity per phase, not per step: Temporal's cost is per activity (its events, its
+    workflow task), and the cuts are exactly where the workflow must decide something (abort,
+    the commit before the kexec, the end of a dry run), so every rule of the step table holds.
+    `begin` is the workflow's own act (no activity) and is not part of a phase.
+
+    >>> from kho_fleet import lifecycle
+    >>> [[s.name for s in p] for p in phases(list(lifecycle.LIFECYCLE))]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [['begin'], ['preflight'], ['stage', 'preserve', 'snapshot'],
+     ['kexec', 'wait_back', 'verify', 'report']]
+    >>> [s.name for s in phase(lifecycle.steps_from("kexec_requested"))]
+    ['wait_back', 'verify', 'report']
+    """
+    out = ahead[:1]
+    for s in ahead[1:]:
+        prev = out[-1]
+        if "begin" in (s.kind, prev.kind) or s.abort_point or s.at_most_once \
+                or s.in_dry_run != prev.in_dry_run:
+            break
+        out.append(s)
+    return out
+
+
+def phases(steps: list[Step]) -> list[list[Step]]:
+    """`steps` cut into phases (see `phase`)."""
+    out: list[list[Step]] = []
+    while len(steps) > sum(len(p) for p in out):
+        out.append(phase(steps[sum(len(p) for p in out):]))
+    return out
 
 
 def site_queue(site: str) -> str:
@@ -91,6 +130,9 @@ class Snapshot:
         self._by_name = {h.name: h for h in self._hosts}
         ordered = sorted(events, key=lambda e: e["ts"])
         self._events = [Event(id=i + 1, **e) for i, e in enumerate(ordered)]
+        self._by_host: dict[Optional[str], list[Event]] = {}
+        for e in self._events:              # a host's events without scanning everyone's
+            self._by_host.setdefault(e.host, []).append(e)
 
     def rollout(self) -> RolloutRow:
         return self._rollout
@@ -106,7 +148,7 @@ class Snapshot:
                 and (state is None or h.state == state)]
 
     def events(self, host: Optional[str] = None) -> list[Event]:
-        return [e for e in self._events if host is None or e.host == host]
+        return list(self._events) if host is None else list(self._by_host.get(host, ()))
 
     def counts(self, stage: Optional[int] = None) -> dict[str, int]:
         out = dict.fromkeys(HOST_STATES, 0)

@@ -27,16 +27,22 @@ __all__ = ["run_worker"]
 
 async def run_worker(target: TemporalTarget, site: str, work_dir: str, *,
                      max_concurrent: int = 64, workflows: bool = True,
-                     sandboxed: bool = True, stop: Optional[asyncio.Event] = None) -> None:
-    """Run until SIGTERM/SIGINT (or `stop` is set). `sandboxed` False runs workflow code
-    without the SDK's sandbox (it re-imports modules per workflow run: CPU per host)."""
+                     sandboxed: bool = False, stop: Optional[asyncio.Event] = None) -> None:
+    """Run until SIGTERM/SIGINT (or `stop` is set).
+
+    Workflow code runs without the SDK's sandbox unless `sandboxed`: the sandbox re-creates
+    the workflow's modules for each workflow and runs every activation through restricted
+    proxies, which was a third of the worker's CPU per host (docs/scale.md). It guards against
+    non-deterministic workflow code; ours (workflow.py and the pure modules it imports:
+    lifecycle, state, rollout.judge_gate) does no I/O, reads time only from workflow.now()
+    and runs every host-touching act as an activity."""
     client = await target.client()
     acts = HostStepActivities(site, work_dir, threads=max_concurrent)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    workers = [Worker(client, task_queue=site_queue(site), activities=[acts.host_step],
+    workers = [Worker(client, task_queue=site_queue(site), activities=[acts.host_phase],
                       max_concurrent_activities=max_concurrent)]
     if workflows:
         extra: dict[str, Any] = {} if sandboxed else {

@@ -3,16 +3,21 @@
 RolloutWorkflow drives the stages: it starts one HostBatchWorkflow per `batch_size` hosts of
 a stage (a workflow's history stays bounded however large the fleet), judges the stage's
 gate with rollout.judge_gate, and applies the failure policy and pauses. HostBatchWorkflow
-drives each of its hosts through lifecycle.steps_from(state), every step but `begin` an
-activity on the host's site task queue (kho-fleet-<site>), and keeps the host rows with
-statedb's machine (state.transition).
+drives each of its hosts through lifecycle.steps_from(state) a phase at a time
+(state.phase: the steps up to the next abort point or at-most-once step), each phase an
+activity on the host's site task queue (kho-fleet-<site>) -- `begin` is the workflow's own
+-- and keeps the host rows with statedb's machine (state.transition), each step's state
+entered with the time the step completed. Hosts of a site ready for the same phase in the
+same workflow task share one activity (at most state.GROUP_MAX), except for the kexec's.
 
-The at-most-once rule: before the kexec the workflow reads the boot marker (an activity),
-then records `kexec_requested` in its own state and only then schedules the kexec activity,
-with RetryPolicy(maximum_attempts=1); once that activity ended in any way but a refusal by
-the agent, the host only waits for a new boot and is verified -- a kexec is never scheduled
-twice for a host. A step no worker of the host's site takes within `worker_wait_s` fails the
-host ("no worker of site X ..."); until then `kho-fleet status` shows it waiting.
+The at-most-once rule: the phase before the kexec ends by reading the boot marker; the
+workflow then records `kexec_requested` in its own state and only then schedules the kexec
+phase (kexec, wait_back, verify, report) for that host alone, with
+RetryPolicy(maximum_attempts=1); once that activity ended in any way but a refusal by the
+agent, the host only waits for a new boot and is verified (a retryable phase) -- a kexec is
+never scheduled twice for a host. A phase no worker of the host's site takes within
+`worker_wait_s` fails the host ("no worker of site X ..."); until then `kho-fleet status`
+shows it waiting.
 
 Deterministic: no I/O, time from workflow.now(), every host-touching act an activity.
 Signals: abort(reason), proceed() (after a `pause: manual` stage). Queries: status (the
@@ -27,7 +32,7 @@ from typing import Any, Optional
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError, TimeoutType
+from temporalio.exceptions import ActivityError, TimeoutError, TimeoutType
 
 with workflow.unsafe.imports_passed_through():
     from .. import lifecycle
@@ -35,7 +40,7 @@ with workflow.unsafe.imports_passed_through():
     from ..playbook import Gate
     from ..rollout import host_result, judge_gate
     from .activities import ACTIVITY, MARKER_STEP
-    from .state import WORKFLOW_QUEUE, log, new_host, site_queue, transition
+    from .state import GROUP_MAX, WORKFLOW_QUEUE, log, new_host, phase, site_queue, transition
     from .state import _host_row as host_row
 
 __all__ = ["RolloutWorkflow", "HostBatchWorkflow", "ROLLOUT_WORKFLOW", "BATCH_WORKFLOW"]
@@ -73,6 +78,8 @@ class HostBatchWorkflow:
         self.pending: dict[str, dict[str, Any]] = {}      # host -> its scheduled step
         self.aborted = False
         self.inp: dict[str, Any] = {}
+        self._queues: dict[tuple[str, tuple[str, ...], bool], list[dict[str, Any]]] = {}
+        self._seq = 0                                      # activity ids of this batch
 
     @workflow.run
     async def run(self, inp: dict[str, Any]) -> dict[str, Any]:
@@ -99,20 +106,25 @@ class HostBatchWorkflow:
                 "pending": self.pending}
 
     # --- one host ---------------------------------------------------------------------------
-    def _log(self, host: str, event: str, detail: Optional[str] = None) -> None:
-        log(self.events, _now(), host, event, detail)
+    def _log(self, host: str, event: str, detail: Optional[str] = None,
+             ts: Optional[float] = None) -> None:
+        log(self.events, _now() if ts is None else ts, host, event, detail)
 
-    def _move(self, host: str, state: str, **fields: Any) -> None:
-        transition(self.rows[host], state, _now(), self.events, **fields)
+    def _move(self, host: str, state: str, ts: Optional[float] = None, **fields: Any) -> None:
+        transition(self.rows[host], state, _now() if ts is None else ts, self.events, **fields)
 
     async def _run_host(self, name: str) -> None:
+        """Drive one host through the table, a phase (state.phase) per activity."""
         row = self.rows[name]
         dry = self.inp["mode"] == "dry-run"
         marker: Optional[str] = None
-        current = lifecycle.LIFECYCLE[0]
+        ahead = lifecycle.steps_from(row["state"])
+        i = 0
         try:
-            for current in lifecycle.steps_from(row["state"]):
+            while i < len(ahead):
+                current = ahead[i]
                 if row["state"] not in current.runs_in:
+                    i += 1
                     continue
                 if dry and not current.in_dry_run:
                     self._log(name, "dry run", f"stopped before {current.name}")
@@ -122,50 +134,111 @@ class HostBatchWorkflow:
                 if current.kind == "begin":
                     if current.to is not None:
                         self._move(name, current.to)
+                    i += 1
                     continue
+                steps = phase(ahead[i:])
+                i += len(steps)
+                names = [s.name for s in steps]
+                if i < len(ahead) and ahead[i].at_most_once:
+                    names.append(MARKER_STEP)           # read just before the kexec's phase
                 if current.commit_first is not None:
-                    out = await self._step(name, MARKER_STEP, None)
-                    marker = out["marker"]
-                    if self.aborted:                            # aborted meanwhile
-                        return
-                    self._log(name, "boot_marker", marker)
-                    self._move(name, current.commit_first)     # recorded before it is scheduled
+                    if marker is None:                  # (the phase before did not read it)
+                        out = await self._phase(name, [MARKER_STEP], None)
+                        marker = self._apply(name, out)
+                        if self.aborted:
+                            return
+                    self._move(name, current.commit_first)  # recorded before it is scheduled
                     try:
-                        out = await self._step(name, current.name, marker, at_most_once=True)
+                        out = await self._phase(name, names, marker, at_most_once=True)
                     except _Unknown as e:
                         self._log(name, f"{current.name} outcome unknown", str(e))
-                        continue                               # wait for the boot, verify
+                        ahead, i = lifecycle.steps_from(row["state"]), 0
+                        continue                        # wait for the boot, verify
                 else:
-                    out = await self._step(name, current.name, marker)
-                if out.get("finished") is not None:
-                    self._finish(name, out["finished"])
+                    out = await self._phase(name, names, marker)
+                marker = self._apply(name, out) or marker
+                if row["state"] in ("reported", "failed"):
                     return
-                if current.to is not None:
-                    self._move(name, current.to, **out["fields"])
         except _Failed as f:
             self._fail(name, f.phase, f.reason, f.report)
 
-    async def _step(self, name: str, step: str, marker: Optional[str],
-                    at_most_once: bool = False) -> dict[str, Any]:
-        """Run one step as an activity on the host's site; _Failed when it failed."""
-        s = None if step == MARKER_STEP else lifecycle.step(step)
-        phase = s.failure_phase if s is not None else "kexec"
+    def _apply(self, name: str, out: dict[str, Any]) -> Optional[str]:
+        """Commit a host's phase result: its events, each completed step's state (at the time
+        the step completed), the host's end; _Failed if a step failed. Its boot marker."""
+        self._events(name, out.get("events") or [])
+        for r in out["done"]:
+            if r.get("finished") is not None:
+                self._finish(name, r["finished"], float(r["ts"]))
+                return None
+            to = lifecycle.step(r["step"]).to
+            if to is not None:
+                self._move(name, to, float(r["ts"]), **r["fields"])
+        if out.get("marker") is not None:
+            self._log(name, "boot_marker", out["marker"])
+        if out.get("failed"):
+            f = out["failed"]
+            raise _Failed(f["phase"], f["reason"], f.get("report"))
+        return out.get("marker")
+
+    async def _phase(self, name: str, steps: list[str], marker: Optional[str],
+                     at_most_once: bool = False) -> dict[str, Any]:
+        """The host's result of one phase: _Failed when its activity failed (for all of its
+        hosts), _Unknown when the at-most-once phase's activity ended without an answer.
+
+        Hosts of the same site that ask for the same phase in the same workflow task share one
+        activity (up to GROUP_MAX); the at-most-once phase (the kexec, then boot and verify)
+        runs alone: a worker lost in it leaves only that host's kexec unknown, and one host's
+        slow boot holds back no other host's report."""
         site = self.inp["sites"][name]
+        key = (site, tuple(steps), at_most_once)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        job = {"host": name, "marker": marker, "fut": fut,
+               "power_on": self.rows[name]["state"] in lifecycle.states_before_kexec()}
+        if at_most_once:        # alone: a lost kexec activity leaves one host unknown, not many
+            asyncio.get_running_loop().create_task(self._group(key, [job]))
+            return await fut
+        queue = self._queues.setdefault(key, [])
+        queue.append(job)
+        if len(queue) == 1:
+            asyncio.get_running_loop().create_task(self._flush(key))
+        return await fut
+
+    async def _flush(self, key: tuple[str, tuple[str, ...], bool]) -> None:
+        """Send the hosts queued for one phase, once every host that became ready in this
+        workflow task had its turn to join."""
+        for _ in range(3):
+            await asyncio.sleep(0)
+        queue = self._queues.pop(key)
+        for k in range(0, len(queue), GROUP_MAX):
+            asyncio.get_running_loop().create_task(self._group(key, queue[k:k + GROUP_MAX]))
+
+    async def _group(self, key: tuple[str, tuple[str, ...], bool],
+                     jobs: list[dict[str, Any]]) -> None:
+        site, steps, at_most_once = key
+        first = None if steps[0] == MARKER_STEP else lifecycle.step(steps[0])
+        phase_name = first.failure_phase if first is not None else "kexec"
         wait = float(self.inp["worker_wait_s"])
-        timeout = float(self.inp["timeouts"][name][s.timeout if s is not None else "step"])
-        aid = f"{name}/{step}"
-        self.pending[name] = {"activity_id": aid, "step": step, "site": site, "since": _now()}
+        timeout = max(sum(float(self.inp["timeouts"][j["host"]][
+            lifecycle.step(s).timeout if s != MARKER_STEP else "step"]) for s in steps)
+            for j in jobs)
+        self._seq += 1
+        aid = f"{steps[0]}-{self._seq}"
+        for j in jobs:
+            self.pending[j["host"]] = {"activity_id": aid, "step": steps[0], "site": site,
+                                       "since": _now()}
         args = {"rollout": self.inp["rollout"], "playbook": self.inp["playbook"],
                 "playbook_sha256": self.inp["playbook_sha256"],
                 "inventory": self.inp["inventory"],
                 "inventory_sha256": self.inp["inventory_sha256"], "sim_dir": self.inp["sim_dir"],
-                "host": name, "step": step, "marker": marker,
-                "power_on": self.rows[name]["state"] in lifecycle.states_before_kexec()}
+                "steps": list(steps),
+                "hosts": [{"host": j["host"], "marker": j["marker"], "power_on": j["power_on"]}
+                          for j in jobs]}
         retry = RetryPolicy(maximum_attempts=1) if at_most_once else RetryPolicy(
-            initial_interval=timedelta(seconds=1), maximum_attempts=int(self.inp["attempts"]),
-            non_retryable_error_types=["HostFailed"])
+            initial_interval=timedelta(seconds=1), maximum_attempts=int(self.inp["attempts"]))
+        err: Optional[Exception] = None
+        out: dict[str, Any] = {}
         try:
-            out: dict[str, Any] = await workflow.execute_activity(
+            out = await workflow.execute_activity(
                 ACTIVITY, args, task_queue=site_queue(site), activity_id=aid,
                 schedule_to_start_timeout=timedelta(seconds=wait),
                 start_to_close_timeout=timedelta(seconds=timeout + 120),
@@ -173,34 +246,33 @@ class HostBatchWorkflow:
                 retry_policy=retry)
         except ActivityError as e:
             cause = e.cause
-            if isinstance(cause, ApplicationError) and cause.type == "HostFailed" \
-                    and cause.details:
-                d = cause.details[0]
-                self._events(name, d.get("events") or [])
-                raise _Failed(d["phase"], d["reason"], d.get("report")) from None
             if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
-                raise _Failed(phase, f"no worker of site {site} took the {step} step within "
-                              f"{wait:g}s (start kho-fleet worker --site {site})") from None
-            why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
-            if at_most_once:
-                raise _Unknown(why) from None
-            raise _Failed(phase, f"{step} did not complete: {why}") from None
+                err = _Failed(phase_name, f"no worker of site {site} took the {steps[0]} step "
+                              f"within {wait:g}s (start kho-fleet worker --site {site})")
+            else:
+                why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+                err = _Unknown(why) if at_most_once else _Failed(
+                    phase_name, f"{steps[0]} did not complete: {why}")
         finally:
-            self.pending.pop(name, None)
-        self._events(name, out.get("events") or [])
-        return out
+            for j in jobs:
+                self.pending.pop(j["host"], None)
+        for j in jobs:
+            if err is not None:
+                j["fut"].set_exception(err)
+            else:
+                j["fut"].set_result(out["hosts"][j["host"]])
 
     def _events(self, host: str, events: list[dict[str, Any]]) -> None:
         for ev in events:
             log(self.events, float(ev["ts"]), host, ev["event"], ev.get("detail"))
 
-    def _finish(self, name: str, rep: dict) -> None:
+    def _finish(self, name: str, rep: dict, ts: Optional[float] = None) -> None:
         path = host_report_path(name)
         if rep.get("result") == "success":
-            self._move(name, "reported", report={**rep, "report_path": path})
+            self._move(name, "reported", ts, report={**rep, "report_path": path})
         else:
             fail = rep.get("failure") or {"phase": "verify", "reason": "verification failed"}
-            self._move(name, "failed", report={**rep, "report_path": path},
+            self._move(name, "failed", ts, report={**rep, "report_path": path},
                        error=f"{fail['phase']}: {fail['reason']}")
 
     def _fail(self, name: str, phase: str, reason: str, report: Optional[dict] = None) -> None:

@@ -1,0 +1,342 @@
+"""systemd on the host: is PID 1 a LUO-aware systemd, which units keep FD stores that
+survive a kexec, and which kexec method a handover should use.
+
+systemd >= 262 is itself a LUO user: at `systemctl kexec`, systemd-shutdown opens
+/dev/liveupdate, creates the session `systemd`, preserves every FD-store memfd of the
+units with `FileDescriptorStorePreserve=yes` (token 0 is a JSON mapping memfd; LUO session
+fds found in an FD store are recorded as `luo_session` entries and survive as their own
+sessions), and the next boot's PID 1 hands them back (../shared/lab/README.md, "systemd
+>= 262 carries FD stores through LUO"). A bare `kexec -e` bypasses all of that: every
+such FD store is lost. So a handover picks its method:
+
+- `systemd`: PID 1 is systemd >= 262 (LUO support) -> `systemctl kexec`;
+- `direct`: anything else -> `kexec -e`, refused on a host with preservable FD stores
+  unless the playbook says `allow_fdstore_loss: true` (never destroy state nobody handed
+  us);
+- `auto` (the default): `systemd` when PID 1 can, else `direct`.
+
+Pure functions (parsing `systemctl` output, the decision) at the bottom; the Linux I/O
+(`/proc/1/comm`, `systemctl`, sd_notify) is the few functions marked so. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+__all__ = ["LUO_MIN_VERSION", "METHODS", "InitSystem", "FdStoreUnit", "MethodDecision",
+           "parse_systemctl_version", "parse_show", "fdstore_units_from_show",
+           "choose_method", "fdstore_counts", "count_memfds", "linux_init_system",
+           "linux_fdstore_units",
+           "sd_notify", "listen_fds", "HOLDER_UNIT"]
+
+LUO_MIN_VERSION = 262           # the first systemd whose shutdown preserves FD stores via LUO
+METHODS = ("auto", "systemd", "direct")
+HOLDER_UNIT = "kho-agent-holder.service"    # the unit whose FD store keeps the agent's sessions
+_SHOW_PROPS = ("Id", "FileDescriptorStorePreserve", "FileDescriptorStoreMax",
+               "NFileDescriptorStore")
+_SYSTEMCTL_TIMEOUT = 30.0
+
+
+@dataclass
+class InitSystem:
+    """What PID 1 is: `name` (systemd, init, ...), systemd's version (None otherwise) and
+    whether that systemd preserves FD stores through LUO at `systemctl kexec`."""
+
+    name: str
+    version: Optional[int] = None
+    detail: str = ""
+
+    @property
+    def is_systemd(self) -> bool:
+        return self.name == "systemd"
+
+    @property
+    def luo(self) -> bool:
+        return self.is_systemd and self.version is not None and self.version >= LUO_MIN_VERSION
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "version": self.version, "luo": self.luo,
+                "detail": self.detail}
+
+
+@dataclass
+class FdStoreUnit:
+    """One unit's FD store: `count` fds held by PID 1 (NFileDescriptorStore), `preserve`
+    (FileDescriptorStorePreserve: no, yes, restart), `max` (FileDescriptorStoreMax) and,
+    where known, the fd names."""
+
+    unit: str
+    count: int
+    preserve: str = "no"
+    max: int = 0
+    names: list[str] = field(default_factory=list)
+    memfds: Optional[int] = None     # of `count`, memfds (LUO preserves only those); None:
+    #                                  not known, every fd is counted
+
+    @property
+    def preservable(self) -> bool:
+        """A kexec through systemd carries it (and a bare kexec -e loses it): preserve=yes
+        and at least one fd LUO can preserve (a memfd; journald's sockets and udevd's
+        inotify fd, which a stock sid host keeps with preserve=yes, are not)."""
+        n = self.count if self.memfds is None else self.memfds
+        return n > 0 and self.preserve == "yes"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MethodDecision:
+    """The kexec method chosen for this host and why; `refused` when preflight must stop."""
+
+    requested: str
+    method: str
+    why: str
+    refused: Optional[str] = None
+    fdstores: list[FdStoreUnit] = field(default_factory=list)
+    init: Optional[InitSystem] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.refused is None
+
+    def to_json(self) -> dict:
+        return {"requested": self.requested, "method": self.method, "why": self.why,
+                "refused": self.refused, "init": None if self.init is None
+                else self.init.to_json(), "fdstores": [u.to_json() for u in self.fdstores]}
+
+
+# --- pure functions ---------------------------------------------------------------------------
+
+def parse_systemctl_version(text: str) -> Optional[int]:
+    """The major version from `systemctl --version` ("systemd 262 (262.1-1)" -> 262).
+
+    >>> parse_systemctl_version("systemd 262 (262.1-1)\\n+PAM +AUDIT")
+    262
+    >>> parse_systemctl_version("no systemd here") is None
+    True
+    """
+    m = re.match(r"\s*systemd\s+(\d+)\b", text)
+    return int(m.group(1)) if m else None
+
+
+def parse_show(text: str) -> list[dict[str, str]]:
+    """`systemctl show -p A -p B UNIT...` output: one dict per unit (blank-line separated).
+
+    >>> parse_show("Id=a.service\\nNFileDescriptorStore=1\\n\\nId=b.service\\n")
+    [{'Id': 'a.service', 'NFileDescriptorStore': '1'}, {'Id': 'b.service'}]
+    """
+    out: list[dict[str, str]] = []
+    cur: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if cur:
+                out.append(cur)
+                cur = {}
+            continue
+        k, sep, v = line.partition("=")
+        if sep:
+            cur[k.strip()] = v.strip()
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _int(v: Optional[str]) -> int:
+    try:
+        return int(v or 0)
+    except ValueError:
+        return 0
+
+
+def fdstore_units_from_show(rows: Sequence[dict[str, str]]) -> list[FdStoreUnit]:
+    """The units that hold fds in their FD store (NFileDescriptorStore > 0), by name.
+
+    >>> [u.unit for u in fdstore_units_from_show([
+    ...     {"Id": "p.service", "NFileDescriptorStore": "1", "FileDescriptorStorePreserve": "yes"},
+    ...     {"Id": "q.service", "NFileDescriptorStore": "0"}])]
+    ['p.service']
+    """
+    units = [FdStoreUnit(r.get("Id", "?"), _int(r.get("NFileDescriptorStore")),
+                         r.get("FileDescriptorStorePreserve", "no") or "no",
+                         _int(r.get("FileDescriptorStoreMax")))
+             for r in rows]
+    return sorted((u for u in units if u.count > 0), key=lambda u: u.unit)
+
+
+def fdstore_counts(units: Sequence[FdStoreUnit]) -> dict[str, int]:
+    """{unit: preservable fds in its store} of the preservable FD stores."""
+    return {u.unit: u.count if u.memfds is None else u.memfds
+            for u in units if u.preservable}
+
+
+def count_memfds(analyze: str) -> tuple[int, list[str]]:
+    """(memfds, names of all rows) in `systemd-analyze fdstore UNIT` output.
+
+    >>> count_memfds("FDNAME TYPE DEVNO INODE RDEVNO PATH FLAGS\\n"
+    ...              "stored sock 0:9 3157 - socket:[3157] rw\\n"
+    ...              "probe reg 0:1 5 - /memfd:probe (deleted) rw\\n")
+    (1, ['stored', 'probe'])
+    """
+    rows = [ln.split() for ln in analyze.splitlines()[1:] if ln.split()]
+    return (sum(1 for r in rows if any(w.startswith("/memfd:") for w in r)),
+            [r[0] for r in rows])
+
+
+def choose_method(requested: str, init: InitSystem, units: Sequence[FdStoreUnit],
+                  allow_fdstore_loss: bool, *, holder_unit: str = HOLDER_UNIT) -> MethodDecision:
+    """The kexec method for `requested` (auto, systemd, direct) on a host whose PID 1 is
+    `init` with these FD stores (the agent's own holder unit is not counted: its state goes
+    over LUO either way).
+
+    >>> sd = InitSystem("systemd", 262)
+    >>> choose_method("auto", sd, [], False).method
+    'systemd'
+    >>> choose_method("auto", InitSystem("systemd", 252), [], False).method
+    'direct'
+    >>> d = choose_method("direct", sd, [FdStoreUnit("p.service", 1, "yes")], False)
+    >>> d.ok, d.method
+    (False, 'direct')
+    >>> choose_method("direct", sd, [FdStoreUnit("p.service", 1, "yes")], True).ok
+    True
+    """
+    others = [u for u in units if u.unit != holder_unit]
+    lose = [u for u in others if u.preservable]
+    what = (f"PID 1 is systemd {init.version}" if init.is_systemd and init.version is not None
+            else "PID 1 is systemd (version unknown)" if init.is_systemd
+            else f"PID 1 is {init.name}")
+    if requested not in METHODS:
+        return MethodDecision(requested, "direct", what, f"unknown kexec method {requested!r} "
+                              f"(one of {', '.join(METHODS)})", others, init)
+    if requested == "systemd" and not init.luo:
+        return MethodDecision(requested, "systemd", what, f"kexec method systemd needs PID 1 "
+                              f"to be systemd >= {LUO_MIN_VERSION} (LUO support); {what}",
+                              others, init)
+    if requested == "auto":
+        method = "systemd" if init.luo else "direct"
+        why = (f"auto: {what} (>= {LUO_MIN_VERSION}: systemd-shutdown preserves FD stores "
+               "through LUO) -> systemctl kexec" if init.luo else
+               f"auto: {what}, not systemd >= {LUO_MIN_VERSION} -> kexec -e")
+    else:
+        method = requested
+        why = (f"requested: {requested} ({what})")
+    refused = None
+    if method == "direct" and lose:
+        names = ", ".join(f"{u.unit} ({u.count} fd{'s' if u.count != 1 else ''})"
+                          for u in lose)
+        if allow_fdstore_loss:
+            why += f"; FD stores lost by kexec -e, allowed by allow_fdstore_loss: {names}"
+        else:
+            refused = (f"kexec -e would lose the preserved FD stores of {names} "
+                       "(systemd-shutdown never runs); use kexec_method: systemd on a "
+                       "systemd >= 262 host, or set allow_fdstore_loss: true in the playbook")
+    return MethodDecision(requested, method, why, refused, others, init)
+
+
+def listen_fds(env: dict[str, str], pid: int) -> list[tuple[str, int]]:
+    """(name, fd) of the fds systemd passed this process (sd_listen_fds: LISTEN_PID,
+    LISTEN_FDS, LISTEN_FDNAMES; fds start at 3).
+
+    >>> listen_fds({"LISTEN_PID": "7", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"}, 7)
+    [('a', 3), ('b', 4)]
+    >>> listen_fds({"LISTEN_PID": "8", "LISTEN_FDS": "2"}, 7)
+    []
+    """
+    if env.get("LISTEN_PID") != str(pid):
+        return []
+    n = _int(env.get("LISTEN_FDS"))
+    names = (env.get("LISTEN_FDNAMES") or "").split(":")
+    return [(names[i] if i < len(names) and names[i] else "unknown", 3 + i) for i in range(n)]
+
+
+# --- Linux I/O --------------------------------------------------------------------------------
+
+def _systemctl(args: Sequence[str]) -> Optional[str]:
+    """stdout of `systemctl ARGS`, None when systemctl is missing or fails."""
+    return _run(["systemctl", *args])
+
+
+def _run(argv: Sequence[str]) -> Optional[str]:
+    """stdout of `argv` (a list: every argument passed as is, never through a shell),
+    None when the program is missing or fails."""
+    try:
+        res = subprocess.run(list(argv), stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=_SYSTEMCTL_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def linux_init_system(proc: str = "/proc") -> InitSystem:
+    """PID 1 of this host: /proc/1/comm, and `systemctl --version` when it is systemd."""
+    try:
+        with open(os.path.join(proc, "1/comm")) as f:
+            name = f.read().strip() or "unknown"
+    except OSError as e:
+        return InitSystem("unknown", None, f"{proc}/1/comm: {e.strerror}")
+    if name != "systemd":
+        return InitSystem(name, None, f"{proc}/1/comm: {name}")
+    out = _systemctl(["--version"])
+    ver = parse_systemctl_version(out or "")
+    return InitSystem("systemd", ver, "systemctl --version: " +
+                      ((out or "failed").splitlines() or ["?"])[0])
+
+
+def linux_fdstore_units() -> list[FdStoreUnit]:
+    """Every loaded service with fds in its FD store (`systemctl show` per service)."""
+    listing = _systemctl(["list-units", "--type=service", "--all", "--plain", "--no-legend",
+                          "--no-pager"])
+    if not listing:
+        return []
+    names = [ln.split()[0] for ln in listing.splitlines() if ln.split()]
+    names = [n for n in names if n.endswith(".service")]
+    units: list[FdStoreUnit] = []
+    for i in range(0, len(names), 64):
+        args = ["show", "--no-pager"] + [f"--property={p}" for p in _SHOW_PROPS]
+        out = _systemctl(args + ["--", *names[i:i + 64]])
+        if out:
+            units += fdstore_units_from_show(parse_show(out))
+    for u in units:
+        if u.preserve == "yes":
+            rows = _run(["systemd-analyze", "fdstore", "--", u.unit])
+            if rows is not None:
+                u.memfds, u.names = count_memfds(rows)
+    return sorted(units, key=lambda u: u.unit)
+
+
+def sd_notify(message: str, fds: Sequence[int] = (), env: Optional[dict[str, str]] = None) -> bool:
+    """Send `message` (e.g. "FDSTORE=1\\nFDNAME=x") to $NOTIFY_SOCKET with `fds` attached
+    (SCM_RIGHTS), as sd_pid_notify_with_fds() does; False when there is no socket."""
+    path = (env if env is not None else os.environ).get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.connect(path)
+        anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+               if fds else [])
+        s.sendmsg([message.encode()], anc)
+    return True
+
+
+def decide(kernel: object, requested: str, allow_fdstore_loss: bool) -> MethodDecision:
+    """choose_method() over what `kernel` (a kho_agent.kernel.Kernel) reports of PID 1 and
+    the FD stores; a failure to ask is one line in `why`, never a traceback."""
+    try:
+        init = kernel.init_system()              # type: ignore[attr-defined]
+    except Exception as e:
+        init = InitSystem("unknown", None, f"cannot tell: {e}")
+    try:
+        units = kernel.fdstore_units()           # type: ignore[attr-defined]
+    except Exception as e:
+        init.detail += f"; FD stores unknown: {e}"
+        units = []
+    return choose_method(requested, init, units, allow_fdstore_loss)
