@@ -98,7 +98,8 @@ def test_report_success_and_downtime() -> None:
     assert rep["result"] == "success" and rep["failure"] is None
     assert rep["workloads"][0]["verified"] and rep["workloads"][0]["pfns_identical"]
     assert rep["downtime"] == {"blackout_s": 5.5, "kexec_to_kernel_s": 3.0,
-                               "kernel_to_agent_s": 2.0, "agent_to_restored_s": 0.5}
+                               "kernel_to_agent_s": 2.0, "agent_to_restored_s": 0.5,
+                               "restored_s": 5.5, "verified_s": None}
     assert rep["kernel"]["from"]["release"] == "7.2.13"
     assert rep["kernel"]["to"]["release"] == "7.2.13-lab-b"
     json.dumps(rep)

@@ -298,3 +298,18 @@ def test_fuzz_type_and_cells(blob: bytes) -> None:
         assert decode_cells(blob, 2, "c") in (1, 2)
     except BootProtoError as e:
         assert str(e).startswith("c: ")
+
+
+ARM64_BOOT = DATA / "arm64-7.2.13-kho-boot"
+
+
+def test_captured_devicetree_of_an_arm64_kho_boot() -> None:
+    """/sys/firmware/devicetree/base of the arm64 lab guest (Image-7.2.13-kho under
+    qemu-system-aarch64 -M virt) right after a KHO kexec into the same kernel (2026-12-03;
+    `KHO: exec from: 7.2.13 (count 1)`): 2 address and 2 size cells; /chosen carries the
+    FDT's and the scratch table's (address, size). Read as the agent reads /."""
+    kho = incoming_kho(str(ARM64_BOOT))
+    top = ARM64_BOOT / "sys/firmware/devicetree/base/chosen"
+    assert kho == IncomingKho("devicetree", str(top / "linux,kho-fdt"), 0x42E1F000, 0x1000,
+                              0x7C7F0000, 0x30)
+    assert (top / "linux,booted-from-kexec").exists()

@@ -102,7 +102,8 @@ def report_sample() -> HandoverReport:
         workloads=[ReportWorkload("vm", 1, 4096, "aa", "bb", True, False, "sha256 differs",
                                   "created")],
         downtime=Downtime(5.5, 3.0, 2.0, 0.5), agent_kexec_s=0.25,
-        journal=JournalSource("disk", "journal memfd not retrieved: gone"))
+        journal=JournalSource("disk", "journal memfd not retrieved: gone"),
+        kexec_method="direct")
 
 
 RECORDS: list[tuple[str, Callable[[], Any], Callable[[Any, str], Any]]] = [

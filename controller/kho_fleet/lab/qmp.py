@@ -46,6 +46,8 @@ class QMPClient:
         last: Optional[OSError] = None
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # bounded: QEMU serves one QMP client at a time, a second connect() waits forever
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
                 sock.connect(str(self.path))
                 break
@@ -56,11 +58,15 @@ class QMPClient:
                     raise QMPError(f"cannot connect to QMP socket {self.path}: {last}") from exc
                 time.sleep(0.05)
         self._sock = sock
-        msg = self._read_message(deadline)
-        if "QMP" not in msg:
-            raise QMPError(f"unexpected QMP greeting: {msg!r}")
-        self.greeting = msg["QMP"]
-        self.execute("qmp_capabilities", timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            msg = self._read_message(deadline)
+            if "QMP" not in msg:
+                raise QMPError(f"unexpected QMP greeting: {msg!r}")
+            self.greeting = msg["QMP"]
+            self.execute("qmp_capabilities", timeout=max(0.1, deadline - time.monotonic()))
+        except (QMPError, OSError):
+            self.close()     # a retry must not queue behind this connection (seen: arm64 TCG)
+            raise
         return self.greeting
 
     def close(self) -> None:
