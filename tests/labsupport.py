@@ -6,12 +6,16 @@ and walk a (possibly truncated) FDT header.
 from __future__ import annotations
 
 import bisect
+import json
 import mmap
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kho_agent.abi.fdt import parse_header
 
@@ -188,3 +192,20 @@ def boot_lab_guest(work: Path, cache: Path, kernel: Path, extra_kernels: Sequenc
           f"serial {g.serial_path})")
     g.put(pyz, agent_pyz)
     return g
+
+
+def kho_fleet_cli(*args: Any, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+    """`kho-fleet ARGS` in a subprocess of this interpreter (stdout, stderr captured as text)."""
+    return subprocess.run([sys.executable, "-m", "kho_fleet.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def guest_agent(g: Any, pyz: str, *args: str, timeout: float = 300.0) -> tuple[int, Any, str]:
+    """`python3 PYZ ARGS --json` on lab guest `g`: exit code, decoded JSON (None if the
+    output is not JSON) and stderr."""
+    rc, out, err = g.run(["python3", pyz, *args, "--json"], timeout=timeout)
+    try:
+        data = json.loads(out) if out.strip() else None
+    except ValueError:
+        data = None
+    return rc, data, err.strip()

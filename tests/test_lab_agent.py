@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labsupport import KERNEL_A, KERNEL_B, KERNEL_V3, REPO, Coverage, boot_lab_guest
+from labsupport import KERNEL_A, KERNEL_B, KERNEL_V3, REPO, Coverage, boot_lab_guest, guest_agent
 from labsupport import LAB_CACHE as CACHE
 
 from kho_fleet.lab.guest import LabGuest
@@ -49,12 +49,7 @@ def seen() -> dict[str, Any]:
 
 
 def agent(g: LabGuest, *args: str, timeout: float = 300.0) -> tuple[int, Any, str]:
-    rc, out, err = g.run(["python3", PYZ, *args, "--json"], timeout=timeout)
-    try:
-        data = json.loads(out) if out.strip() else None
-    except ValueError:
-        data = None
-    return rc, data, err.strip()
+    return guest_agent(g, PYZ, *args, timeout=timeout)
 
 
 def need(seen: dict[str, Any], key: str) -> Any:

@@ -24,7 +24,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from labsupport import (
     KERNEL_B,
     LAB_CACHE,
     SHARED_LAB,
+    kho_fleet_cli,
     lab_guest_skip_reason,
     rootfs_skip_reason,
 )
@@ -69,9 +69,8 @@ def arm64_rootfs_skip_reason() -> str:
     return ""
 
 
-def cli(*args: Any, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kho_fleet.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+def cli(*args: Any, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return kho_fleet_cli(*args, timeout=timeout)
 
 
 @dataclass

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from labsupport import (
     KERNEL_B,
     KERNEL_V3,
     Coverage,
+    kho_fleet_cli,
     lab_guest_skip_reason,
     rootfs_skip_reason,
 )
@@ -61,10 +61,8 @@ def _skip_reason() -> str:
             or rootfs_skip_reason(CACHE, KERNEL_A, [KERNEL_B]))
 
 
-def cli(*args: Any, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`kho-fleet ARGS` in a subprocess (stdout, stderr captured as text)."""
-    return subprocess.run([sys.executable, "-m", "kho_fleet.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+def cli(*args: Any, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return kho_fleet_cli(*args, timeout=timeout)
 
 
 @dataclass

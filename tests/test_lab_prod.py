@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from labsupport import (
     REPO,
     SHARED_LAB,
     Coverage,
+    kho_fleet_cli,
     lab_guest_skip_reason,
     rootfs_skip_reason,
 )
@@ -70,9 +70,8 @@ def prod_kernel() -> Optional[Path]:
     return find_kernel(REPO / ".lab/kernels", PROD_RELEASE)
 
 
-def cli(*args: Any, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kho_fleet.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+def cli(*args: Any, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return kho_fleet_cli(*args, timeout=timeout)
 
 
 @dataclass

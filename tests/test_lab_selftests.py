@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from labsupport import KERNEL_A, KERNEL_B, REPO, boot_lab_guest
+from labsupport import KERNEL_A, KERNEL_B, REPO, boot_lab_guest, guest_agent
 from labsupport import LAB_CACHE as CACHE
 
 from kho_agent.workload import parse_spec
@@ -50,12 +50,7 @@ def seen() -> dict[str, Any]:
 
 
 def agent(g: LabGuest, *args: str, timeout: float = 600.0) -> tuple[int, Any, str]:
-    rc, out, err = g.run(["python3", PYZ, *args, "--json"], timeout=timeout)
-    try:
-        data = json.loads(out) if out.strip() else None
-    except ValueError:
-        data = None
-    return rc, data, err.strip()
+    return guest_agent(g, PYZ, *args, timeout=timeout)
 
 
 def thp_setting(g: LabGuest) -> str:
