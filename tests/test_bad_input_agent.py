@@ -364,7 +364,10 @@ def test_kernel_child_env_is_the_one_twin_setting(twin_host: str,
 
 AGENT_SRC = Path(__file__).resolve().parent.parent / "agent" / "kho_agent"
 # Spawns that are not agent processes and do not act on a host (a decompressor).
-NOT_HOST_SPAWNS = {"kimage.py"}
+# Spawns that are not the agent's own processes: decompressors (kimage) and the real host's
+# systemctl / systemd-analyze queries, which only the Linux backend calls (the twin answers
+# those itself) and which never read the twin setting.
+NOT_HOST_SPAWNS = {"kimage.py", "systemdhost.py"}
 
 
 def test_no_spawn_site_names_the_twin_setting_by_hand() -> None:
