@@ -63,7 +63,10 @@ def test_preflight_and_abi_refusal(guest: LabGuest, seen: dict[str, Any]) -> Non
                          "--spec", "/root/spec.json")
     assert rc == 0, (err, res)
     checks = {c["name"]: c for c in res["checks"]}
-    assert all(c["ok"] for c in checks.values()), checks
+    # every blocking check passes; the lab kernel has neither /proc/config.gz nor a lockdown
+    # file, so its signed-kexec policy is unknown: a non-blocking check, and said so
+    assert all(c["ok"] or not c["blocking"] for c in checks.values()), checks
+    assert checks["kexec_sig"]["ok"] or any("signed-kexec" in n for n in res["not_checked"])
     assert "/dev/mem" in checks["physmem"]["detail"]         # no STRICT_DEVMEM in the lab kernel
     assert res["running"]["kho"] == "kho-v4" and res["target"]["release"] == "7.2.13-lab-b"
     rc, res, err = agent(guest, "preflight", "--kernel", "/root/bzImage-abi-kho-v3")
