@@ -192,14 +192,17 @@ class Agent:
         `systemctl kexec` (kho_agent.systemdhost). Everything big was written at snapshot
         time: this window is short. A direct kexec that would lose other units' FD stores
         is refused unless `allow_fdstore_loss`."""
-        t0 = time.time()
         if not yes:
             raise AgentError("kexec", "refusing to kexec without --yes")
+        # A last look at PID 1 and the other units' FD stores (systemctl: seconds on a slow
+        # host). Everything still runs meanwhile, so it is not part of the kexec window the
+        # agent reports (agent_kexec_s): that starts now, with the sealing.
         decision = decide(self.kernel, kexec_method, allow_fdstore_loss)
         if not decision.ok:
             raise self._fail("kexec", str(decision.refused))
         write_json(self._path(FDSTORES_FILE), {"method": decision.method, "why": decision.why,
                                                "before": fdstore_counts(decision.fdstores)})
+        t0 = time.time()
         if not self.kernel.kexec_loaded():
             raise self._fail("kexec", "no kernel staged (kexec_loaded is 0): run stage first")
         if self.state.stamp("snapshot") is None:
