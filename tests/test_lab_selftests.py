@@ -14,6 +14,7 @@ under TCG).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,13 @@ pytestmark = pytest.mark.lab
 PYZ = "/root/kho-agent.pyz"
 PLAYBOOKS = sorted((REPO / "playbooks/selftests").glob("*.yaml"))
 THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+# The suite must stay under 30 minutes on 2 cores and each scenario is a whole handover
+# under TCG (1-3 minutes): by default the two that cover every preserved property (props:
+# size, position, seals, flags, holes, folios; multi_session: several and empty sessions).
+# KHO_LAB_SELFTESTS=all runs every playbook. Done 2026-12-03: the four luo_* passed; the
+# handovers after them on the same guest (the 6th on) failed at snapshot with "outgoing
+# KHO root FDT not found in memory" -- an open finding (docs/lab.md).
+DEFAULT_SCENARIOS = {"memfd_props", "luo_multi_session"}
 ALL_SEALS = ("seal", "shrink", "grow", "write", "future_write", "exec")
 
 
@@ -124,6 +132,11 @@ def _start(guest: LabGuest, seen: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("path", PLAYBOOKS, ids=[p.stem for p in PLAYBOOKS])
 def test_selftest_playbook_on_the_lab(guest: LabGuest, seen: dict[str, Any], path: Path) -> None:
+    if path.stem not in DEFAULT_SCENARIOS and os.environ.get("KHO_LAB_SELFTESTS") != "all":
+        why = (f"{path.stem}: not in the default lab set ({', '.join(sorted(DEFAULT_SCENARIOS))});"
+               " KHO_LAB_SELFTESTS=all runs it")
+        print(f"\nlab selftest skipped: {why}")
+        pytest.skip(why)
     _start(guest, seen)
     doc = yaml.safe_load(path.read_text())
     spec = parse_spec(doc["workloads"], "workloads")
