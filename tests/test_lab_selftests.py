@@ -114,7 +114,7 @@ def handover(g: LabGuest, seen: dict[str, Any], workloads: dict, what: str,
     seen["broken"] = f"{what}: kexec"
     rc, _, err = agent(g, "kexec", "--yes")
     assert rc == 0, err
-    waited = g.wait_reboot(old)
+    waited = g.wait_reboot(old, timeout=600.0)   # TCG at load ~15: 160-180 s seen
     if seen["thp"] != "none":
         g.run(f"echo advise > {THP}")          # sysfs is back to its boot default
     seen.pop("broken")

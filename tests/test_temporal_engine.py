@@ -181,6 +181,23 @@ def _normalized(fleet: dict) -> dict:
     return f
 
 
+def _most_at_once(reports: list[dict]) -> int:
+    """The most hosts that were between their first step and their end at one moment, from
+    the host reports' state events (a host's end counts before another's start at the same
+    instant)."""
+    marks: list[tuple[float, int]] = []
+    for rep in reports:
+        ev = [e for e in rep["controller"]["events"] if e["event"] == "state"]
+        marks.append((min(e["ts"] for e in ev if e["detail"].startswith("pending -> ")), 1))
+        marks.append((max(e["ts"] for e in ev if e["detail"].split(":")[0].endswith(
+            ("-> reported", "-> failed"))), -1))
+    most = now = 0
+    for _, d in sorted(marks):
+        now += d
+        most = max(most, now)
+    return most
+
+
 # --- the tests -----------------------------------------------------------------------------
 
 def test_two_sites_match_the_embedded_engine(tmp_path: Path, env: Env) -> None:
@@ -230,10 +247,16 @@ def test_two_sites_match_the_embedded_engine(tmp_path: Path, env: Env) -> None:
         assert st["boot_count"] == 2 and st["release"] == "7.2.14-twin", (h, st)
     rid = fleet["rollout"]["id"]
     out = tmp_path / "reports" / rid
-    for h in hosts:
-        rep = json.loads((out / "hosts" / f"{h}.json").read_text())
+    reps = {h: json.loads((out / "hosts" / f"{h}.json").read_text()) for h in hosts}
+    for h, rep in reps.items():
         assert rep["agent"]["host"] == h and rep["controller"]["downtime_s"] > 0
         assert rep["controller"]["stage"] in ("canary", "rest")
+    # each stage's max_parallel held (the rest stage runs in batches of 5 hosts, a batch
+    # starting when the one before has freed its slots), and it was used: 5 at once
+    for stage, most in (("canary", 2), ("rest", 5)):
+        at_once = _most_at_once([r for r in reps.values()
+                                 if r["controller"]["stage"] == stage])
+        assert at_once == most, (stage, at_once)
     assert json.loads((out / "fleet.json").read_text())["rollout"]["id"] == rid
     assert (out / "fleet.html").stat().st_size > 500
     # `kho-fleet report` rebuilds the same report from the workflow

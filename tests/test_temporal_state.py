@@ -12,7 +12,15 @@ import pytest
 from kho_fleet import lifecycle
 from kho_fleet.fleetreport import build_fleet_report
 from kho_fleet.statedb import HAPPY_PATH, IllegalTransition, StateDB
-from kho_fleet.temporal.state import Snapshot, new_host, phase, phases, transition
+from kho_fleet.temporal.state import (
+    Snapshot,
+    batch_width,
+    groups,
+    new_host,
+    phase,
+    phases,
+    transition,
+)
 
 REPORT = {"schema": "kho-fleet/handover-report/v1", "host": "h1", "result": "success",
           "kernel": {"from": {"release": "7.2.13"}, "to": {"release": "7.2.14"}},
@@ -107,3 +115,28 @@ def test_phases_cut_where_the_workflow_decides() -> None:
     rest = phase(lifecycle.steps_from("kexec_requested"))
     assert rest and not any(s.at_most_once for s in rest)
     assert rest[-1].kind == "finish"
+
+
+@pytest.mark.parametrize("size", [1, 7, 200])
+def test_batches_fill_max_parallel_and_never_exceed_it(size: int) -> None:
+    """A stage's batches run all their hosts at once: a batch is at most batch_size hosts, at
+    most max_parallel when the stage is larger than max_parallel, and the batches that fit at
+    once leave fewer idle slots than there are batches running."""
+    for par in (1, 2, 5, 99, 100, 101, 250, 499, 500, 501, 1000):
+        for n in (1, par - 1, par, par + 1, 3 * par + 7, 10000):
+            if n < 1:
+                continue
+            w = batch_width(n, par, size)
+            assert 1 <= w <= size, (n, par, size, w)
+            if n > par:
+                assert w <= par and par - (par // w) * w < max(1, par // w), (n, par, size, w)
+
+
+def test_groups_cover_every_job_once_in_order() -> None:
+    for n in (0, 1, 49, 50, 51, 166, 200, 1001):
+        for most in (1, 25, 50):
+            g = groups(list(range(n)), most)
+            assert [j for x in g for j in x] == list(range(n))
+            assert all(1 <= len(x) <= most for x in g)
+            assert len(g) == -(-n // most)
+            assert not g or max(map(len, g)) - min(map(len, g)) <= 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import mmap
 import os
 import sys
 import threading
@@ -31,10 +32,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 __all__ = ["CHUNK_SIZE", "FileDigest", "default_threads", "digest_fd", "digest_bytes",
+           "digest_mapped",
            "pack_crcs", "unpack_crcs", "page_crcs", "differing_chunks"]
 
 CHUNK_SIZE = 2 << 20
 MAX_THREADS = 64
+MAP_MAX = 8 << 30          # digest_mapped: larger files are read through buffers
 Buffer = Union[bytes, bytearray, memoryview]
 
 
@@ -217,6 +220,33 @@ def digest_bytes(data: Buffer, *, chunk_size: int = CHUNK_SIZE,
     if whole and not whole_hex:
         stream()
     return FileDigest(size, chunk_size, chunks, whole_hex[0] if whole else None, crcs)
+
+
+def digest_mapped(fd: int, size: int, *, chunk_size: int = CHUNK_SIZE,
+                  threads: Optional[int] = None, whole: bool = False,
+                  page_size: int = 0) -> FileDigest:
+    """digest_fd() of a file read in place: digest_bytes() over a read-only private
+    mapping of it (MAP_POPULATE: the page tables filled in one go), so the bytes are not
+    copied into buffers first. Where the file cannot be mapped, or is larger than
+    MAP_MAX (its page tables would be as large as a GiB on a TiB), digest_fd()."""
+    if size > MAP_MAX:
+        return digest_fd(fd, size, chunk_size=chunk_size, threads=threads, whole=whole,
+                         page_size=page_size)
+    if size <= 0:
+        return digest_bytes(b"", chunk_size=chunk_size, threads=threads, whole=whole,
+                            page_size=page_size)
+    try:
+        mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                       mmap.PROT_READ)
+    except (OSError, ValueError):
+        return digest_fd(fd, size, chunk_size=chunk_size, threads=threads, whole=whole,
+                         page_size=page_size)
+    try:
+        with memoryview(mm) as view:
+            return digest_bytes(view, chunk_size=chunk_size, threads=threads, whole=whole,
+                                page_size=page_size)
+    finally:
+        mm.close()
 
 
 def differing_chunks(before: Sequence[str], after: Sequence[str]) -> list[int]:

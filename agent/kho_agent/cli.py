@@ -230,8 +230,16 @@ def cmd_kexec(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """After boot: incoming state, retrieve + verify every workload, FINISH, measure downtime."""
-    rep = _agent(args).verify(agent_start=AGENT_START,
-                              release_before_verify=args.release_before_verify)
+    agent = _agent(args)
+    if args.at_boot and not agent.handover_in_flight():
+        # a boot after a kexec nobody asked this agent for (a plain `systemctl kexec`):
+        # the boot unit has nothing to do, and must not hold the workloads back
+        why = f"no handover in flight on this host (phase {agent.state.phase})"
+        _emit(args, {"result": "none", "reason": why}, f"verify --at-boot: {why}")
+        return 0
+    rep = agent.verify(agent_start=AGENT_START,
+                              release_before_verify=args.release_before_verify,
+                              at_boot=args.at_boot, collect=args.collect)
     line = (f"handover {rep['handover_id']}: {rep['result']}"
             + (f" ({rep['failure']['phase']}: {rep['failure']['reason']})"
                if rep["failure"] else ""))
@@ -322,9 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     kx = add("kexec", cmd_kexec)
     kx.add_argument("--yes", action="store_true", help="really kexec into the staged kernel")
     _kexec_method_args(kx)
-    add("verify", cmd_verify).add_argument(
+    vf = add("verify", cmd_verify)
+    vf.add_argument(
         "--release-before-verify", action="store_true",
         help="hand retrieved memfds back to waiting workloads before checking their bytes")
+    vf.add_argument("--at-boot", action="store_true",
+                    help="run by kho-agent-verify.service early in the boot (the report "
+                         "says who verified)")
+    vf.add_argument("--collect", action="store_true",
+                    help="only return the result of a verify that ran in this boot (waits "
+                         "for one still running); exit 3 when none ran")
     add("report", cmd_report).add_argument("--textfile-dir", metavar="DIR",
                                            help="also write kho-agent.prom here (node_exporter)")
     rel = add("release", cmd_release)

@@ -9,10 +9,11 @@ import os
 import time
 from typing import Any, Optional
 
-from . import journal
+from . import bootrestore, journal
 from .digest import sha256_file
 from .errors import InputError, KhoAgentError, one_line
-from .holder import PEER_GONE, HolderClient, HolderError, holder_client, spawn_holder
+from .holder import PEER_GONE, HolderClient, HolderError, holder_client
+from .holderstart import start_holder
 from .journal import IncomingTree, Journal, JournalTail, VerifyResult, WorkloadResult
 from .kernel import Kernel, KernelError, LiveUpdateError
 from .preflight import preflight, running_abi
@@ -21,7 +22,7 @@ from .state import AgentState, load_state, read_json, save_state, write_json
 from .systemdhost import decide, fdstore_counts
 from .workload import WorkloadSpec, runs_to_pfns
 
-__all__ = ["AgentError", "Agent"]
+__all__ = ["AgentError", "Agent", "NothingToCollect"]
 
 PRESERVE_FILE = "preserve.json"
 SNAPSHOT_FILE = "snapshot.json"
@@ -38,6 +39,13 @@ class AgentError(KhoAgentError):
 
     def headline(self) -> str:
         return f"{self.phase}: {one_line(self)}"
+
+
+class NothingToCollect(KhoAgentError):
+    """`verify --collect`: no verify ran in this boot (the boot unit did not run): exit 3,
+    and the controller runs verify itself."""
+
+    exit_code = 3
 
 
 class Agent:
@@ -127,12 +135,21 @@ class Agent:
         self._save()
         return staged
 
+    def _via_unit(self, after_kexec: bool) -> bool:
+        """Start the holder as kho-agent-holder.service (holderstart.py)? Before the kexec:
+        when preflight chose the systemd method; after it: when the kexec was one."""
+        if after_kexec:
+            rec = read_json(self._path(FDSTORES_FILE))
+            return isinstance(rec, dict) and rec.get("method") == "systemd"
+        km = (self.state.preflight or {}).get("kexec_method")
+        return isinstance(km, dict) and km.get("method") == "systemd"
+
     def _holder(self) -> HolderClient:
         c = holder_client(self.dir)
         if c is not None:
             return c
         try:
-            return spawn_holder(self.dir, self.kernel)
+            return start_holder(self.dir, self.kernel, self._via_unit(after_kexec=False))
         except HolderError as e:
             raise self._fail(self.state.phase if self.state.phase != "new" else "preserve",
                              str(e)) from None
@@ -238,31 +255,63 @@ class Agent:
 
     # --- after kexec ----------------------------------------------------------------------
     def verify(self, *, agent_start: Optional[float] = None,
-               release_before_verify: bool = False) -> dict:
+               release_before_verify: bool = False, at_boot: bool = False,
+               collect: bool = False) -> dict:
         """Read the incoming state, retrieve every workload and FINISH (restored), then
         check their bytes (verified), measure. `release_before_verify`: the workloads
         waiting to claim their memfds get them between the two (the holder verifies its
-        own duplicate of each fd)."""
+        own duplicate of each fd). `at_boot`: run by kho-agent-verify.service early in the
+        boot. `collect`: only return what a verify of this boot found (waiting for one
+        still running); NothingToCollect (exit 3) when none ran."""
+        import fcntl
         agent_start = agent_start or time.time()
+        with open(self._path("verify.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)     # the boot unit's verify, if it still runs
+            return self._verify_locked(agent_start, release_before_verify, at_boot, collect)
+
+    def _verify_locked(self, agent_start: float, release_before_verify: bool, at_boot: bool,
+                       collect: bool) -> dict:
         prev = self._read_verify()
+        boot_time = self.kernel.boot_time()
         if (prev is not None and prev.t_restored and prev.kernel_boot_time is not None
-                and abs(prev.kernel_boot_time - self.kernel.boot_time()) < 1.0):
-            # already verified in this boot (e.g. by the systemd unit, then the controller):
-            # the sessions are FINISHed and held; say what was found then
+                and abs(prev.kernel_boot_time - boot_time) < 1.0):
+            # already verified in this boot (by the systemd unit, then the controller
+            # collects): the sessions are FINISHed and held; say what was found then
             from .report import handover_report
             rep0 = handover_report(prev, self.state, self.kernel.hostname())
             self._fdstores(rep0, after=False)
+            self._boot(rep0, collected=True)
             return rep0.to_json()
+        if collect:
+            raise NothingToCollect("nothing to collect: no verify ran in this boot "
+                                   "(kho-agent-verify.service did not run or failed early)")
         try:
             disk = journal.read_disk(self.dir)
         except InputError:
             disk = None    # the disk copy is the fallback: the memfd journal comes first
-        incoming = IncomingTree.from_json(
-            read_incoming(self.kernel, None if disk is None else disk.snapshot), "incoming")
+        t_tree = time.time()          # the early reads, first thing (bootrestore.py)
+        raw_in = read_incoming(self.kernel, None if disk is None else disk.snapshot)
+        incoming = IncomingTree.from_json(raw_in, "incoming")
+        pages = bootrestore.pages_record(
+            self.kernel, None if disk is None else disk.snapshot,
+            [p for w in (disk.workloads if disk is not None else [])
+             for p in runs_to_pfns(w.pfn_runs) if p], boot_time)
+        tree = bootrestore.tree_record(raw_in, t_tree, boot_time)
+        ok, no = bootrestore.verdicts(tree, pages)
+        t_exec = None if disk is None else (disk.stamps.get("kexec_exec")
+                                            or disk.stamps.get("kexec"))
+        stopped = bootrestore.read_holder_stopped(self.dir)
+        sd_s, rest_s = bootrestore.shutdown_spans(t_exec, stopped, boot_time)
+        write_json(self._path(bootrestore.BOOT_FILE), bootrestore.BootRecord(
+            bootrestore.VERIFIED_BY_UNIT if at_boot else bootrestore.VERIFIED_BY_CONTROLLER,
+            boot_time, tree, pages, ok, no, stopped if sd_s is not None else None,
+            sd_s, rest_s).to_json())
+        via_unit = self._via_unit(after_kexec=True)
         reply, lost_holder, checked, t_released = None, None, None, None
         for attempt in range(2):
             try:
-                c = holder_client(self.dir) or spawn_holder(self.dir, self.kernel)
+                c = holder_client(self.dir) or start_holder(self.dir, self.kernel, via_unit,
+                                                            after_kexec=True)
                 with c:
                     reply, _ = c.call("retrieve",
                                       journal=None if disk is None else disk.to_json())
@@ -320,6 +369,7 @@ class Agent:
         from .report import handover_report
         rep = handover_report(out, self.state, self.kernel.hostname())
         self._fdstores(rep, after=True)
+        self._boot(rep, collected=False)
         if rep.failure is not None and rep.result != "success":
             self.state.fail(rep.failure.phase, rep.failure.reason)
         self.state.enter("verify")
@@ -348,6 +398,24 @@ class Agent:
                          "lost": None if now is None else max(0, int(n) - int(now.get(u, 0)))}
                         for u, n in sorted(before.items())]
 
+    def handover_in_flight(self) -> bool:
+        """This host's agent sent a kexec and has not verified since (the boot unit's
+        condition: after any other kexec it has nothing to do)."""
+        return self.state.phase == "kexec"
+
+    def _boot(self, rep: Any, collected: bool) -> None:
+        """The report's `boot` record (boot.json of this handover) and systemd's shutdown
+        span; `collected`: this call only returned an earlier verify's result."""
+        rec = read_json(self._path(bootrestore.BOOT_FILE))
+        if not isinstance(rec, dict) or rec.get("kernel_start") is None:
+            return
+        t0 = rep.stamps.get("kernel_start")
+        if t0 is not None and abs(float(rec["kernel_start"]) - float(t0)) >= 1.0:
+            return                        # an older boot's record
+        rep.boot = dict(rec, collected=collected)
+        sd = rec.get("systemd_shutdown_s")
+        rep.downtime.systemd_shutdown_s = sd if isinstance(sd, (int, float)) else None
+
     def _read_verify(self) -> Optional[VerifyResult]:
         """verify.json, if written; StateError/RecordError (exit 2) naming file and field."""
         path = self._path(VERIFY_FILE)
@@ -359,6 +427,7 @@ class Agent:
         from .report import handover_report, write_report
         rep = handover_report(self._read_verify(), self.state, self.kernel.hostname())
         self._fdstores(rep, after=False)
+        self._boot(rep, collected=False)
         write_report(rep, self.dir, textfile_dir)
         if self.state.phase != "report":
             self.state.enter("report")

@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from . import journal
 from .badpages import PAGE_CRC_MAX_BYTES
-from .chunkdigest import FileDigest, digest_bytes, digest_fd, pack_crcs
+from .chunkdigest import FileDigest, digest_bytes, digest_fd, digest_mapped, pack_crcs
 from .errors import KhoAgentError
 from .fields import RecordError
 from .journal import Journal, JournalTail, JournalWorkload, WorkloadResult
@@ -46,6 +46,7 @@ from .workload import (
     MemfdSpec,
     SpecError,
     create_memfd,
+    create_pattern_memfd,
     expected_bytes,
     make_memfd,
     parse_spec,
@@ -138,6 +139,7 @@ class Holder:
         self.retrieved_journal: Optional[Journal] = None
         self.retrieved_results: list[WorkloadResult] = []
         self.from_pid1: Optional[dict[str, Session]] = None   # sessions PID 1 handed back
+        self.pid1_names: list[str] = []     # their FD-store names: dropped once FINISHed
 
     def _count_retrieve(self) -> None:
         """Count one successful RETRIEVE_FD; exit here if the fault knob says so."""
@@ -205,11 +207,8 @@ class Holder:
                                                   "carried", dg))
                     records[-1].props = self._props_before(fd, None, None, size)
                     continue
-                data = expected_bytes(m, ps)            # the fill pattern, zeros in holes
-                dg = digest_bytes(data, whole=True)     # sha256 + chunks, threads
+                fd, dg = _created_memfd(f"kho-{s.name}-{m.token}", m, ps)
                 sha = dg.sha256 or ""
-                fd = create_memfd(f"kho-{s.name}-{m.token}", m, data)
-                del data
                 try:
                     if m.huge is not None:
                         self.kernel.shmem_huge_hint(fd, m.huge)
@@ -315,6 +314,7 @@ class Holder:
             for fdname, fd in got:
                 if fdname.startswith("luo-"):
                     self.from_pid1[fdname[4:]] = self.kernel.adopt_session(fd, fdname[4:])
+                    self.pid1_names.append(fdname)
                 else:
                     os.close(fd)
         if name in self.from_pid1:
@@ -401,9 +401,21 @@ class Holder:
                     if res.error is None:
                         res.error = f"FINISH: {e}"
         self.retrieved_journal, self.retrieved_results = jr, results
+        self._drop_from_pid1()
         return {"journal": jr.to_json(), "journal_error": journal_error,
                 "results": [r.to_json() for r in results], "t_restored": time.time(),
                 "sessions_lost": sessions_lost}
+
+    def _drop_from_pid1(self) -> None:
+        """The sessions PID 1 handed back are FINISHed (or lost): out of the holder unit's
+        FD store, or the next `systemctl kexec` would carry them again (FDSTOREREMOVE=1).
+        Until then PID 1's copy keeps them alive should this holder die mid-retrieval."""
+        names, self.pid1_names = self.pid1_names, []
+        for n in names:
+            try:
+                self.kernel.fdstore_remove(HOLDER_UNIT, n)
+            except KhoAgentError as e:
+                print(f"holder: FDSTOREREMOVE {n}: {e}", file=sys.stderr, flush=True)
 
     def _retrieve_empty(self, names: list[str]) -> dict[str, str]:
         """Retrieve and FINISH each session preserved with no files (the kernel selftests'
@@ -513,6 +525,7 @@ class Holder:
         srv.listen(8)
         with open(os.path.join(self.state_dir, PIDFILE), "w") as f:
             f.write(f"{os.getpid()}\n")
+        self.kernel.notify_ready()          # Type=notify: `systemctl start` returns now
         try:
             while self.running:
                 conn, _ = srv.accept()
@@ -532,6 +545,22 @@ class Holder:
             self.lu.close()
 
 
+def _created_memfd(name: str, m: MemfdSpec, page_size: int) -> tuple[int, FileDigest]:
+    """A new memfd of spec `m` holding its pattern, and its digests (sha256 + chunks, in
+    threads): written straight into the memfd and hashed in place where the pattern
+    allows (workload.create_pattern_memfd), else through one buffer of its bytes."""
+    fd = create_pattern_memfd(name, m, page_size)
+    if fd is not None:
+        try:
+            return fd, digest_mapped(fd, m.size, whole=True)
+        except BaseException:
+            os.close(fd)
+            raise
+    data = expected_bytes(m, page_size)             # the fill pattern, zeros in holes
+    dg = digest_bytes(data, whole=True)
+    return create_memfd(name, m, data), dg
+
+
 def raise_nofile_limit() -> None:
     """Soft RLIMIT_NOFILE up to the hard limit: the holder keeps every memfd and session fd
     open (a spec may ask for 1000 files per session, 100 sessions), like the kernel's
@@ -548,7 +577,11 @@ def raise_nofile_limit() -> None:
 
 def run_holder(kernel: Kernel, state_dir: str) -> int:
     """Entry point of `kho-agent holder`: serve until released or signalled."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    def _term(*_: object) -> None:
+        from .bootrestore import stamp_holder_stopped
+        stamp_holder_stopped(state_dir)     # systemd's shutdown reached the holder (report)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, _term)
     raise_nofile_limit()
     try:
         h = Holder(kernel, state_dir)

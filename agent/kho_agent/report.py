@@ -183,6 +183,7 @@ class Downtime(JsonRecord):
     """The blackout (kexec -e to workloads restored) and its three spans, in seconds."""
 
     WHERE = "downtime"
+    OMIT_NONE = ("systemd_shutdown_s",)       # only after a systemctl kexec
 
     blackout_s: Optional[float] = None
     kexec_to_kernel_s: Optional[float] = None
@@ -190,6 +191,9 @@ class Downtime(JsonRecord):
     agent_to_restored_s: Optional[float] = None
     restored_s: Optional[float] = None     # kexec -e -> every fd retrieved and handed back
     verified_s: Optional[float] = None     # kexec -e -> every workload's bytes checked
+    # systemctl kexec -> SIGTERM reached the holder unit (its stop stamp): systemd's shutdown
+    # on the old kernel up to the agent's own unit (bootrestore.py); None for kexec -e
+    systemd_shutdown_s: Optional[float] = None
 
 
 @dataclass
@@ -233,6 +237,10 @@ class HandoverReport(JsonRecord):
     # after, lost}): a direct kexec loses them, systemd carries them
     kexec_method: Optional[str] = None
     fdstores: list[dict[str, Any]] = field(default_factory=list)
+    # restore at boot (bootrestore.BootRecord): who verified (kho-agent-verify.service or
+    # the controller), the early tree read and the kpageflags check before retrieval, which
+    # of the two was established, systemd's shutdown spans
+    boot: Optional[dict[str, Any]] = None
     schema: str = SCHEMA
 
     def to_json(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from .abi.fdt import FdtError
 from .abi.kho import KhoRoot, decode_kho_fdt
+from .abi.memory import MemoryReadError
 from .abi.radix import RadixWalk, geometry, walk_radix
 from .abi.versions import UnsupportedAbi
 from .capabilities import INCOMING_NOT_WALKED, SNAPSHOT_SKIPPED
@@ -21,7 +22,7 @@ from .inspect import InspectError, covered, find_kho_fdts
 from .kernel import Kernel, KernelError
 from .physmem import PhysicalMemory
 
-__all__ = ["outgoing_root", "take_snapshot", "incoming_fdt", "read_incoming"]
+__all__ = ["outgoing_root", "pick_outgoing_fdt", "take_snapshot", "incoming_fdt", "read_incoming"]
 
 
 def outgoing_root(kernel: Kernel, mem: PhysicalMemory) -> tuple[KhoRoot, str, Optional[int]]:
@@ -44,32 +45,54 @@ def outgoing_root(kernel: Kernel, mem: PhysicalMemory) -> tuple[KhoRoot, str, Op
                 want = decode_kho_fdt(blob, tolerant=True).memory_map_root
             except (FdtError, UnsupportedAbi) as e:
                 raise InspectError(f"debugfs kho/out/fdt unreadable: {e}") from None
-    # the incoming FDT (debugfs kho/in/fdt, or the boot protocol's on a production kernel)
-    # is not the outgoing one, whatever its tree looks like
-    exclude: set[int] = set()
     inb, _ = incoming_fdt(kernel)
-    if inb:
-        try:
-            exclude.add(decode_kho_fdt(inb).memory_map_root)
-        except (FdtError, UnsupportedAbi):
-            pass
-    best: Optional[tuple[tuple, KhoRoot, int]] = None
-    for c in find_kho_fdts(mem, ps):
-        if c.root is None or c.root.memory_map_root in exclude:
+    found = pick_outgoing_fdt(mem, ps, want=want, incoming=inb)
+    if found is None:
+        raise InspectError("outgoing KHO root FDT not found in memory"
+                           + (f" (debugfs kho/out/fdt names root 0x{want:x})" if want else ""))
+    root, phys = found
+    src = ("memory (debugfs kho/out/fdt is truncated)" if want is not None
+           else "memory scan (no debugfs kho/out/fdt: KHO boot)")
+    return root, f"{src} at 0x{phys:x}", phys
+
+
+def _fdt_bytes(blob: bytes) -> bytes:
+    """`blob` cut to its FDT header's totalsize (a page-rounded read carries a tail)."""
+    total = int.from_bytes(blob[4:8], "big") if len(blob) >= 8 else 0
+    return blob[:total] if 0 < total <= len(blob) else blob
+
+
+def pick_outgoing_fdt(mem: PhysicalMemory, page_size: int, *, want: Optional[int] = None,
+                      incoming: Optional[bytes] = None) -> Optional[tuple[KhoRoot, int]]:
+    """The running kernel's outgoing root FDT among the KHO FDTs in `mem`: (root, phys).
+
+    `want`: the radix root debugfs names (a truncated kho/out/fdt), when there is one.
+    `incoming`: this boot's incoming FDT, which is not the outgoing one. It is told apart by
+    its bytes, never by the radix root it names: the incoming tree's node pages are freed
+    soon after boot, and the new kernel's outgoing tree may take the very page its root was
+    on (seen on the lab after several handovers on one guest) -- two FDTs then name the
+    same root, and only the incoming one is to be skipped. Among the rest, the candidate
+    whose tree walks intact with the most nodes wins (lower address on a tie).
+    """
+    skip = _fdt_bytes(incoming) if incoming else None
+    best: Optional[tuple[tuple[bool, int, int], KhoRoot, int]] = None
+    for c in find_kho_fdts(mem, page_size):
+        if c.root is None:
             continue
         if want is not None and c.root.memory_map_root != want:
             continue
-        w = walk_radix(mem.read, c.root.memory_map_root, geometry(ps, c.root.compatible),
+        if skip is not None:
+            try:
+                if bytes(mem.read(c.phys, len(skip))) == skip:
+                    continue
+            except MemoryReadError:
+                pass
+        w = walk_radix(mem.read, c.root.memory_map_root, geometry(page_size, c.root.compatible),
                        in_ram=mem.contains)
         score = (w.intact, w.nodes, -c.phys)
         if best is None or score > best[0]:
             best = (score, c.root, c.phys)
-    if best is None:
-        raise InspectError("outgoing KHO root FDT not found in memory"
-                           + (f" (debugfs kho/out/fdt names root 0x{want:x})" if want else ""))
-    src = ("memory (debugfs kho/out/fdt is truncated)" if want is not None
-           else "memory scan (no debugfs kho/out/fdt: KHO boot)")
-    return best[1], f"{src} at 0x{best[2]:x}", best[2]
+    return None if best is None else (best[1], best[2])
 
 
 def _summary(w: RadixWalk) -> dict:
@@ -211,10 +234,12 @@ def read_incoming(kernel: Kernel, snapshot: Optional[dict]) -> dict:
         errors.append(f"incoming root 0x{root.memory_map_root:x} is not the "
                              f"snapshot's 0x{snapshot.get('root', 0):x}")
         out["matches_snapshot"] = False
+        out["blocks_held"], out["blocks_total"] = 0, len(snapshot.get("blocks", []))
     elif snapshot is not None:
         want = snapshot.get("blocks", [])
         have = sum(1 for p, o, c in want if covered(ranges, p, c * (ps << o)))
         out["matches_snapshot"] = have == len(want)
+        out["blocks_held"], out["blocks_total"] = have, len(want)     # early read (bootrestore)
         if have != len(want):
             errors.append(f"walk found {have} of {len(want)} snapshot block runs")
     missing = [s.name for s in root.subtrees if not covered(ranges, s.phys, max(1, s.size or 1))]

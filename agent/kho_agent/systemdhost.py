@@ -34,11 +34,21 @@ __all__ = ["LUO_MIN_VERSION", "METHODS", "InitSystem", "FdStoreUnit", "MethodDec
            "parse_systemctl_version", "parse_show", "fdstore_units_from_show",
            "choose_method", "fdstore_counts", "count_memfds", "linux_init_system",
            "linux_fdstore_units",
-           "sd_notify", "listen_fds", "HOLDER_UNIT"]
+           "sd_notify", "listen_fds", "HOLDER_UNIT", "HOLDER_FDSTORE_MAX", "holder_unit_text",
+           "holder_dropin_text", "systemd_quote", "linux_start_unit", "HOLDER_UNIT_PATH",
+           "HOLDER_DROPIN_PATH"]
 
 LUO_MIN_VERSION = 262           # the first systemd whose shutdown preserves FD stores via LUO
 METHODS = ("auto", "systemd", "direct")
 HOLDER_UNIT = "kho-agent-holder.service"    # the unit whose FD store keeps the agent's sessions
+HOLDER_FDSTORE_MAX = 4096                   # one session fd per preserved LUO session, with room
+# The agent installs the holder unit itself where none is installed (deploy/systemd has the
+# same unit for the standard layout), and always a drop-in with this host's paths: the
+# zipapp lives in a content-addressed store, so its path changes with every agent version.
+# Both under /etc: the unit must exist in the next boot too, when PID 1 gives the FD store
+# back (a transient `systemd-run` unit, or one under /run, would be gone by then).
+HOLDER_UNIT_PATH = "/etc/systemd/system/" + HOLDER_UNIT
+HOLDER_DROPIN_PATH = "/etc/systemd/system/" + HOLDER_UNIT + ".d/50-kho-agent-paths.conf"
 _SHOW_PROPS = ("Id", "FileDescriptorStorePreserve", "FileDescriptorStoreMax",
                "NFileDescriptorStore")
 _SYSTEMCTL_TIMEOUT = 30.0
@@ -256,6 +266,62 @@ def listen_fds(env: dict[str, str], pid: int) -> list[tuple[str, int]]:
     return [(names[i] if i < len(names) and names[i] else "unknown", 3 + i) for i in range(n)]
 
 
+def systemd_quote(argv: Sequence[str]) -> str:
+    """An ExecStart= command line for `argv`: each word in double quotes, with `\\`, `"`,
+    `$` and `%` escaped as systemd.service(5) and systemd.unit(5) specifiers want.
+
+    >>> systemd_quote(["/usr/bin/python3", "-m", "kho_agent", "a b%c$d"])
+    '"/usr/bin/python3" "-m" "kho_agent" "a b%%c$$d"'
+    """
+    def q(w: str) -> str:
+        w = w.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+        return f'"{w}"'
+    return " ".join(q(w) for w in argv)
+
+
+_HOLDER_EXEC = ("/usr/bin/python3 /var/lib/kho-agent/kho-agent.pyz holder "
+                "--state-dir /var/lib/kho-agent/state")     # the drop-in replaces it
+
+
+def holder_unit_text() -> str:
+    """kho-agent-holder.service as the agent installs it where none is installed (the same
+    settings as deploy/systemd/kho-agent-holder.service; ExecStart comes from the drop-in)."""
+    return f"""# Written by kho-agent: deploy/systemd/kho-agent-holder.service, same settings.
+# The holder: the one process that owns /dev/liveupdate and the agent's LUO sessions. Before
+# `systemctl kexec` it puts every session fd into this unit's FD store (sd_notify FDSTORE=1)
+# and closes the device, so systemd-shutdown can preserve them; PID 1 gives them back in
+# LISTEN_FDS when the unit starts in the next kernel.
+[Unit]
+Description=kho-agent: LUO session holder
+DefaultDependencies=no
+After=systemd-remount-fs.service
+RequiresMountsFor=/var/lib/kho-agent
+Conflicts=shutdown.target
+Before=shutdown.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+FileDescriptorStoreMax={HOLDER_FDSTORE_MAX}
+FileDescriptorStorePreserve=yes
+ExecStart={_HOLDER_EXEC}
+LimitNOFILE=1048576
+TimeoutStartSec=5min
+TimeoutStopSec=30s
+"""
+
+
+def holder_dropin_text(argv: Sequence[str], env: dict[str, str]) -> str:
+    """The drop-in that points the holder unit at this agent (its python, its zipapp or
+    package directory, its state dir, its environment)."""
+    lines = ["# Written by kho-agent: this host's agent paths for kho-agent-holder.service.",
+             "[Service]", "ExecStart=", f"ExecStart={systemd_quote(argv)}"]
+    def env_word(w: str) -> str:           # no $ expansion in Environment=, specifiers yes
+        return '"' + w.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
+    lines += [f"Environment={env_word(f'{k}={v}')}" for k, v in sorted(env.items())]
+    return "\n".join(lines) + "\n"
+
+
 # --- Linux I/O --------------------------------------------------------------------------------
 
 def _systemctl(args: Sequence[str]) -> Optional[str]:
@@ -309,6 +375,56 @@ def linux_fdstore_units() -> list[FdStoreUnit]:
             if rows is not None:
                 u.memfds, u.names = count_memfds(rows)
     return sorted(units, key=lambda u: u.unit)
+
+
+def _write_if_changed(path: str, text: str) -> bool:
+    """Write `text` to `path` (0644, atomically) unless it holds it already; True if written."""
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return False
+    except OSError:
+        pass
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return True
+
+
+def linux_start_unit(unit: str, argv: Sequence[str], env: dict[str, str],
+                     keep_config: bool = False) -> str:
+    """Start `unit` (the holder unit) running `argv` with `env` through systemd: the unit
+    file where none is loaded, the drop-in with these paths, daemon-reload when anything
+    changed, then `systemctl start` (which returns once the holder said READY=1).
+    `keep_config`: a drop-in already there stays as it is (after the kexec: no
+    daemon-reload early in the boot, and the holder is the agent that preserved). Returns
+    what was done, one line; raises OSError with systemctl's own words when it fails."""
+    did = []
+    show = _systemctl(["show", "--property=LoadState,FragmentPath", "--", unit]) or ""
+    props = (parse_show(show) or [{}])[0]
+    if props.get("LoadState") != "loaded" and _write_if_changed(
+            "/etc/systemd/system/" + unit, holder_unit_text()):
+        did.append(f"installed /etc/systemd/system/{unit}")
+    dropin = f"/etc/systemd/system/{unit}.d/50-kho-agent-paths.conf"
+    if not (keep_config and os.path.exists(dropin)) and _write_if_changed(
+            dropin, holder_dropin_text(argv, env)):
+        did.append(f"wrote {dropin}")
+    if did and _systemctl(["daemon-reload"]) is None:
+        raise OSError(f"systemctl daemon-reload failed after: {'; '.join(did)}")
+    try:
+        res = subprocess.run(["systemctl", "start", "--", unit], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise OSError(f"systemctl start {unit}: {e}") from None
+    if res.returncode != 0:
+        raise OSError(f"systemctl start {unit}: "
+                      f"{(res.stderr.strip().splitlines() or ['failed'])[-1]}")
+    return "; ".join(did + [f"systemctl start {unit}"])
 
 
 def sd_notify(message: str, fds: Sequence[int] = (), env: Optional[dict[str, str]] = None) -> bool:

@@ -2,9 +2,10 @@
 
 The holder's `verify` request runs this after `retrieve` (restore first, verify second:
 the report times them apart). For each retrieved workload: the chunk digests of its memfd
-now (chunkdigest.digest_fd, parallel threads) against the journal's; when every chunk
-matches, the bytes are the bytes that were preserved and `sha256` after is the journal's
-(`sha256_from: "chunks"`, no second pass over the memory); when one differs, the real
+now (chunkdigest.digest_mapped: hashed in place by parallel threads) against the
+journal's; when every chunk matches, the bytes are the bytes that were preserved and
+`sha256` after is the journal's (`sha256_from: "chunks"`, no second pass over the
+memory); when one differs, the real
 whole-file sha256 is computed and badpages.locate names the pages. A journal without
 chunk digests (an older agent's) is verified by the whole-file sha256 as before.
 A workload that could not be retrieved gets the pages the kernel log says it could not
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .badpages import MAX_BAD_PAGES, locate, lost_folio_pages, snapshot_ranges, unrestored_pfns
-from .chunkdigest import digest_fd
+from .chunkdigest import digest_mapped
 from .journal import Journal, JournalWorkload, WorkloadResult
 from .workload import hash_fd, runs_to_pfns
 
@@ -29,7 +30,7 @@ def verify_one(fd: int, w: JournalWorkload, res: WorkloadResult, page_size: int,
     if not (w.chunks and w.chunk_size):
         res.sha256 = hash_fd(fd, w.size)                      # an older journal
         return
-    dg = digest_fd(fd, w.size, chunk_size=w.chunk_size)
+    dg = digest_mapped(fd, w.size, chunk_size=w.chunk_size)       # in place, threads
     res.chunks, res.chunk_size = dg.chunks, dg.chunk_size
     same_bytes = dg.chunks == w.chunks and res.size in (None, w.size)
     if same_bytes:

@@ -48,7 +48,7 @@ __all__ = ["SpecError", "MemfdSpec", "SessionSpec", "WorkloadSpec", "parse_size"
            "parse_spec", "decode_spec", "make_memfd", "fill_pattern", "hash_fd", "pfn_runs",
            "runs_to_pfns", "WorkloadRecord", "AGENT_SESSION", "JOURNAL_TOKEN", "SEALS",
            "HUGE_MODES", "MAX_FILES", "MAX_SESSIONS", "seal_names", "expected_bytes",
-           "create_memfd"]
+           "create_memfd", "create_pattern_memfd"]
 
 AGENT_SESSION = "kho-agent"      # the agent's own LUO session (journal memfd)
 JOURNAL_TOKEN = 0x4B484F4A       # "KHOJ"
@@ -393,10 +393,19 @@ def fill_pattern(token: int, seed: int, size: int, page_size: int = 4096) -> byt
     one of the block's memoryviews) -- no per-page Python arithmetic, no intermediate copies.
     """
     block = random.Random(seed).randbytes(_PATTERN_BLOCK)
+    pieces = _pattern_pieces(block, token, size, page_size)
+    if pieces is None:
+        return _fill_pattern_slow(block, token, size, page_size)
+    return b"".join(pieces)
+
+
+def _pattern_pieces(block: bytes, token: int, size: int, page_size: int) -> Optional[list[Any]]:
+    """The fill pattern as a list of buffers to concatenate (fill_pattern's fast path), or
+    None where only the page loop applies (odd page sizes, tokens that are not u64)."""
     npages = size // page_size
     if not (npages > 0 and 16 <= page_size <= _PATTERN_BLOCK
             and _PATTERN_BLOCK % page_size == 0 and 0 <= token < 1 << 64):
-        return _fill_pattern_slow(block, token, size, page_size)
+        return None
     stamps = array("Q", [token]) * (2 * npages)
     stamps[1::2] = array("Q", range(npages))
     if sys.byteorder != "little":
@@ -412,7 +421,7 @@ def fill_pattern(token: int, seed: int, size: int, page_size: int = 4096) -> byt
     if tail:
         start = npages * page_size % _PATTERN_BLOCK
         pieces.append(bv[start:start + tail])
-    return b"".join(pieces)
+    return pieces
 
 
 def _fill_pattern_slow(block: bytes, token: int, size: int, page_size: int) -> bytes:
@@ -462,6 +471,42 @@ def _segments(size: int, holes: list[list[int]]) -> list[tuple[int, int]]:
     if at < size:
         out.append((at, size))
     return out
+
+
+def create_pattern_memfd(name: str, m: MemfdSpec, page_size: int) -> Optional[int]:
+    """create_memfd(name, m, expected_bytes(m, page_size)) without the bytes in between:
+    the pattern's pieces are gathered straight into the memfd by pwritev (one copy of
+    the data instead of two, and no second buffer of the memfd's size). For memfds with
+    neither holes nor `huge` (those are written through create_memfd); None for them,
+    and where the pattern has no fast form."""
+    if m.holes or m.huge is not None or m.adopt:
+        return None
+    pieces = _pattern_pieces(random.Random(m.seed).randbytes(_PATTERN_BLOCK), m.token,
+                             m.size, page_size)
+    if pieces is None:
+        return None
+    flags = getattr(os, "MFD_CLOEXEC", 1) | (MFD_ALLOW_SEALING if m.seals is not None else 0)
+    fd = os.memfd_create(name, flags)
+    try:
+        os.ftruncate(fd, m.size)
+        per = max(1, min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024))
+        off = 0
+        for k in range(0, len(pieces), per):
+            batch = pieces[k:k + per]
+            want = sum(len(b) for b in batch)
+            got = os.pwritev(fd, batch, off)
+            if got < want:                          # short write: the rest one by one
+                rest = memoryview(b"".join(batch))[got:]
+                while len(rest):
+                    rest = rest[os.pwrite(fd, rest, off + want - len(rest)):]
+            off += want
+        os.lseek(fd, m.position, os.SEEK_SET)
+        if m.seals:
+            fcntl.fcntl(fd, getattr(fcntl, "F_ADD_SEALS", 1033), m.seals)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def create_memfd(name: str, m: MemfdSpec, data: bytes) -> int:

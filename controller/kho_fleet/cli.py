@@ -161,17 +161,19 @@ def cmd_sim_handover(args: argparse.Namespace) -> int:
     from .sim.handover import run_sim_handover
     if args.workload_mib < 1 or args.workload_mib > 4096:
         raise CliError(f"--workload-mib {args.workload_mib}: 1..4096")
-    if args.fault:
+    faults: list[str] = args.fault or []
+    if faults:
         from .sim.faults import FaultError
         from .sim.handover import check_sim_fault
-        try:
-            check_sim_fault(args.fault, args.workload_mib)
-        except FaultError as e:
-            raise CliError(f"--fault: {e}") from None
+        for text in faults:
+            try:
+                check_sim_fault(text, args.workload_mib)
+            except FaultError as e:
+                raise CliError(f"--fault: {e}") from None
     if args.workdir:
         check_dir_option("--workdir", args.workdir)
     work = args.workdir or tempfile.mkdtemp(prefix="kho-sim-")
-    res = run_sim_handover(work, fault=args.fault, workload_mib=args.workload_mib,
+    res = run_sim_handover(work, fault=faults, workload_mib=args.workload_mib,
                            boot_timeout=args.boot_timeout)
     rep = res.report
     if args.json:
@@ -519,9 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
         sf.set_defaults(func=cmd_sim_fleet)
     sh = sim.add_parser("handover", help=_summary_line(cmd_sim_handover),
                         description=cmd_sim_handover.__doc__)
-    sh.add_argument("--fault", metavar="NAME[@SESSION/TOKEN:OFFSET]",
+    sh.add_argument("--fault", action="append", metavar="NAME[@SESSION/TOKEN:OFFSET]",
                     help=f"inject a fault ({', '.join(ALL_FAULTS)}); page faults may name "
-                    "their place, e.g. bitflip@vm-ram/0x1001:0x5000")
+                    "their place, e.g. bitflip@vm-ram/0x1001:0x5000; repeat for several")
     sh.add_argument("--workload-mib", type=_int, default=64, metavar="N")
     sh.add_argument("--boot-timeout", type=_seconds, default=30.0, metavar="SECONDS")
     sh.add_argument("--workdir", metavar="DIR", help="keep the twin host here")

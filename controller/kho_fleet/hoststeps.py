@@ -119,6 +119,21 @@ class HostSteps:
         """The agent's handover report (`report` step), else the verify step's."""
         return self.agent("report").json or verified or {}
 
+    def collect_verify(self) -> Optional[StepResult]:
+        """The result of the verify kho-agent-verify.service ran early in this boot
+        (`verify --collect`, waiting for it if it still runs), None when it did not run
+        (exit 3; an agent without --collect: exit 2) and the controller verifies itself."""
+        call = self.acc.agent("verify", "--collect", timeout=self.timeout("verify"))
+        self._log("agent verify --collect", f"rc {call.rc} in {call.seconds:.2f}s"
+                  + (f": {call.reason}" if call.rc else ""))
+        boot = (call.json or {}).get("boot") or {}
+        if call.rc == 0:
+            self._log("verify collected", f"verified by {boot.get('verified_by', '?')}")
+            return StepResult()
+        if call.rc == 1 and call.json is not None:
+            return StepResult(finished=self.final_report(call.json))   # it found a problem
+        return None
+
     def perform(self, s: lifecycle.Step, run: HostRun) -> StepResult:
         """Carry out step `s` (HostFailed, TransportError or OSError when it fails)."""
         if s.kind == "begin":
@@ -135,6 +150,10 @@ class HostSteps:
             return StepResult(finished=self.final_report(run.report))
         if s.args and run.values is None:
             run.values = self.values()
+        if s.name == "verify":
+            collected = self.collect_verify()
+            if collected is not None:
+                return collected
         fields: dict[str, Any] = {}
         if s.commit_first is not None:                     # the at-most-once step: commit first
             run.marker = self.acc.boot_marker()

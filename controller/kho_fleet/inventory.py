@@ -52,7 +52,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Optional
 
 from .errors import InputError
-from .sim.faults import TWIN_FAULTS
+from .sim.faults import TWIN_FAULTS, FaultError, parse_fault
 from .yamldoc import (
     MAX_FILE_BYTES,
     MAX_YAML_DEPTH,
@@ -133,7 +133,8 @@ HOST_VARS: tuple[HostVar, ...] = (
             "lab tests' KHO_AGENT_FAULT"),
     HostVar("kho_sim_faults", "faults", (),
             "sim hosts: faults the twin injects (bitflip, lost-page, never-returns, ...; "
-            "slow-boot=SECONDS); names from kho_fleet.sim.faults.TWIN_FAULTS"),
+            "slow-boot=SECONDS; placed page faults such as bitflip@vm-ram/0x1001:0x5000 or "
+            "swap-pages@SESSION/TOKEN:OFFSET,OFFSET); names from kho_fleet.sim.faults"),
     HostVar("kho_sim_ram_mib", "int", 256, "sim hosts: RAM of the twin in MiB (64..65536)",
             range=(64, 65536)),
     HostVar("kho_sim_boot_delay", "seconds", 0.5,
@@ -163,6 +164,7 @@ IGNORED_VARS: dict[str, str] = {
 }
 _TWIN_SOCKET = "dev/liveupdate"   # kho_agent.kernel.twinproto.DEV_LIVEUPDATE, under a twin root
 _SUN_PATH_MAX = 107                # AF_UNIX sun_path, without the NUL
+MAX_SIM_FAULTS = 64                 # kho_sim_faults entries (placed faults may repeat a name)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BOOL_WORDS = {"yes": True, "true": True, "on": True, "1": True,
                "no": False, "false": False, "off": False, "0": False}
@@ -210,11 +212,17 @@ def _check_var(var: HostVar, v: Any, base: str) -> Any:
     if t == "faults":
         if isinstance(v, str):
             v = [v]
-        if (not isinstance(v, (list, tuple)) or len(v) > len(TWIN_FAULTS)
+        if (not isinstance(v, (list, tuple)) or len(v) > MAX_SIM_FAULTS
                 or not all(isinstance(x, str) and x for x in v)):
-            raise ValueError(f"must be a list of fault names (at most {len(TWIN_FAULTS)}), "
+            raise ValueError(f"must be a list of fault names (at most {MAX_SIM_FAULTS}), "
                              f"got {_short(v)}")
         for x in v:
+            if "@" in x:                # placed: bitflip@SESSION/TOKEN:OFFSET (sim/faults.py)
+                try:
+                    parse_fault(x, TWIN_FAULTS)
+                except FaultError as e:
+                    raise ValueError(str(e)) from None
+                continue
             name, sep, val = x.partition("=")
             if name not in TWIN_FAULTS:
                 raise ValueError(f"unknown fault {_short(name)}" + did_you_mean(name, TWIN_FAULTS)

@@ -47,7 +47,8 @@ def _defaults() -> dict:
     return {"kernels": root / ".lab/kernels",
             "cache": Path(os.environ.get("KHO_LAB_CACHE") or root / ".lab/cache"),
             "workdir": root / ".lab/guests", "inventory": root / "inventory/lab.yaml",
-            "config": root / "deploy/lab/kho-lab.config"}
+            "config": root / "deploy/lab/kho-lab.config",
+            "config_arm64": root / "deploy/lab/kho-lab-arm64.config"}
 
 
 class _Progress:
@@ -136,19 +137,26 @@ def cmd_build_kernel(args: argparse.Namespace) -> int:
     from kho_fleet.lab.kbuild import build_kernel, record_kernel
     if bool(args.source) == bool(args.kernel):
         raise LabCliError("build-kernel needs exactly one of --source DIR (build) and "
-                          "--kernel PATH (a prebuilt bzImage)")
+                          "--kernel PATH (a prebuilt bzImage or arm64 Image)")
     if args.jobs < 1:
         raise LabCliError(f"--jobs {args.jobs}: must be >= 1")
     if args.kernel:
         if args.configure_only:
             raise LabCliError("--configure-only needs --source DIR (there is nothing to "
                               "configure for a prebuilt --kernel)")
-        rec = record_kernel(args.kernel, args.kernels, make_default=not args.keep_default)
+        if args.localversion or args.kho_compatible:
+            raise LabCliError("--localversion and --kho-compatible need --source DIR (a "
+                              "prebuilt --kernel is recorded as it is)")
+        rec = record_kernel(args.kernel, args.kernels, make_default=not args.keep_default,
+                            arch=args.arch)
     else:
-        with _Progress(f"building the lab kernel in {args.source}") as p:
-            rec = build_kernel(args.source, args.kernels, args.config, build_dir=args.build_dir,
+        config = args.config or _defaults()["config" if args.arch == "x86_64" else "config_arm64"]
+        with _Progress(f"building the {args.arch} lab kernel in {args.source}") as p:
+            rec = build_kernel(args.source, args.kernels, config, build_dir=args.build_dir,
                                jobs=args.jobs, note=p.note, configure_only=args.configure_only,
-                               make_default=not args.keep_default)
+                               make_default=not args.keep_default, arch=args.arch,
+                               localversion=args.localversion,
+                               kho_compatible=args.kho_compatible)
         if args.configure_only:
             _emit(args, rec, [(f"{rec['config']}: all {rec['options']} settings of "
                                f"{rec['fragment']} survived olddefconfig")])
@@ -281,12 +289,24 @@ def add_lab_parser(sub: Any) -> argparse.ArgumentParser:
 
     bk = add("build-kernel", cmd_build_kernel)
     bk.add_argument("--source", metavar="DIR", help="Linux source tree to build in")
-    bk.add_argument("--kernel", metavar="PATH", help="a prebuilt bzImage to record instead")
+    bk.add_argument("--kernel", metavar="PATH",
+                    help="a prebuilt bzImage (or arm64 Image with --arch arm64) to record "
+                         "instead")
     bk.add_argument("--out", dest="kernels", type=Path, default=d["kernels"], metavar="DIR",
                     help="where the image and its record go (default %(default)s)")
-    bk.add_argument("--fragment", "--config", dest="config", type=Path, default=d["config"],
+    bk.add_argument("--fragment", "--config", dest="config", type=Path, default=None,
                     metavar="FILE", help="config fragment, e.g. ../shared/lab/kho-prod.config "
-                    "(default %(default)s)")
+                    f"(default {d['config']}; arm64: {d['config_arm64']})")
+    bk.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64",
+                    help="arm64: defconfig + virt.config, cross-built Image "
+                         "(ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-; Debian "
+                         "gcc-aarch64-linux-gnu)")
+    bk.add_argument("--localversion", metavar="STR",
+                    help="make LOCALVERSION=STR: another release from the same tree, "
+                         "e.g. --localversion=-lab-b")
+    bk.add_argument("--kho-compatible", metavar="kho-vN",
+                    help="build with KHO_FDT_COMPATIBLE changed to this ABI string (an "
+                         "ABI-mismatch target; the source header is put back afterwards)")
     bk.add_argument("--configure-only", action="store_true",
                     help="stop after olddefconfig and the fragment check (no bzImage)")
     bk.add_argument("--keep-default", action="store_true",

@@ -73,6 +73,7 @@ from kho_agent.workload import SpecError, WorkloadSpec, parse_spec
 from .errors import InputError
 from .inventory import MAX_HOSTS, MAX_SECONDS, Inventory, InventoryError
 from .rawkernel import check_unpacks
+from .sim.faults import FaultError, check_placements, workload_sizes
 from .yamldoc import YamlDoc, load_yaml, one_line
 
 __all__ = ["PlaybookError", "Target", "Gate", "Stage", "Timeouts", "Playbook", "load_playbook",
@@ -296,6 +297,14 @@ class Playbook:
                     f"{self.where.get('workloads', self.where['hosts'])}: workloads: "
                     f"{need} bytes do not fit in sim host {n!r}'s RAM (kho_sim_ram_mib: "
                     f"{h.sim_ram_mib} in {inventory.path})")
+        sizes = workload_sizes(self.workloads)
+        for n in play:                      # a placed twin fault must name a workload's page
+            h = inventory.hosts[n]
+            try:
+                check_placements(h.sim_faults, sizes, h.page_size, f"the workloads of {self.path}")
+            except FaultError as e:
+                raise PlaybookError(f"{h.where or inventory.path}: host {n!r}: kho_sim_faults: "
+                                    f"{e}") from None
         remaining = list(play)
         out: list[list[str]] = []
         for st in self.stages:

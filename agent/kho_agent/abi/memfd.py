@@ -79,9 +79,9 @@ def read_memfd(read: Reader, ser_pa: int, page_size: int) -> Memfd:
         return m
     raw, errors = read_vmalloc(read, m.folios_desc, page_size, m.nr_folios * FOLIO_SER.size)
     m.errors += errors
-    for off in range(0, len(raw) - FOLIO_SER.size + 1, FOLIO_SER.size):
-        word, index = FOLIO_SER.unpack_from(raw, off)
-        m.folios.append(MemfdFolio(word & _PFN_MASK, word >> 52, index))
+    whole = len(raw) - len(raw) % FOLIO_SER.size
+    m.folios += [MemfdFolio(word & _PFN_MASK, word >> 52, index)
+                 for word, index in FOLIO_SER.iter_unpack(memoryview(raw)[:whole])]
     return m
 
 

@@ -251,6 +251,22 @@ class Kernel(ABC):
         """A Session for a session fd this process was handed (inherited, or from PID 1)."""
         raise KernelError("adopting a session fd: not supported by this kernel backend")
 
+    def start_unit(self, unit: str, argv: list[str], env: dict[str, str],
+                   keep_config: bool = False) -> str:
+        """Start `argv` as the service `unit` through PID 1 (Type=notify, its FD store
+        handed over in LISTEN_FDS); `keep_config`: a unit already configured runs as it
+        is. Returns what was done, one line."""
+        raise KernelError(f"starting {unit} through PID 1: not supported by this kernel "
+                          "backend")
+
+    def notify_ready(self) -> None:
+        """sd_notify READY=1 when this process runs as a Type=notify unit (else nothing)."""
+        return None
+
+    def fdstore_remove(self, unit: str, name: str) -> None:
+        """Drop the fds named `name` from `unit`'s FD store (sd_notify FDSTOREREMOVE=1)."""
+        return None
+
     # --- kexec -----------------------------------------------------------------------------
     @abstractmethod
     def kexec_file_load_supported(self) -> bool: ...

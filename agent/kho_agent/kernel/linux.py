@@ -662,3 +662,24 @@ class LinuxKernel(Kernel):
         """A retrieved session fd handed over by another process (PID 1's FD store)."""
         return LinuxSession(fd, name, incoming=True)
 
+    def start_unit(self, unit: str, argv: list[str], env: dict[str, str],
+                   keep_config: bool = False) -> str:
+        """The unit (installed where missing) with a drop-in of `argv` and `env`, then
+        `systemctl start` (kho_agent.systemdhost.linux_start_unit)."""
+        try:
+            return systemdhost.linux_start_unit(unit, argv, env, keep_config)
+        except OSError as e:
+            raise KernelError(str(e)) from None
+
+    def notify_ready(self) -> None:
+        try:
+            systemdhost.sd_notify("READY=1")
+        except OSError:
+            pass                 # not fatal: systemctl start then times out and says so
+
+    def fdstore_remove(self, unit: str, name: str) -> None:
+        try:
+            systemdhost.sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        except OSError as e:
+            raise KernelError(f"FDSTOREREMOVE=1 to $NOTIFY_SOCKET: {e.strerror or e}") from None
+

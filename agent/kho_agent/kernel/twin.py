@@ -397,6 +397,23 @@ class TwinKernel(Kernel):
         self._systemd("fdstore_add", (fd,), unit=unit, name=name, session_name=session_name)
 
     def fdstore_take(self, unit: str) -> list[tuple[str, int]]:
+        """What the twin's PID 1 passed this process when it started it as `unit`
+        (LISTEN_FDS, as on Linux): nothing for a process that was not started so."""
+        from ..systemdhost import listen_fds
+        return listen_fds(dict(os.environ), os.getpid())
+
+    def fdstore_remove(self, unit: str, name: str) -> None:
+        self._systemd("fdstore_remove", unit=unit, name=name)
+
+    def start_unit(self, unit: str, argv: list[str], env: dict[str, str],
+                   keep_config: bool = False) -> str:
+        """The twin's PID 1 starts `argv` as `unit`, its FD store in LISTEN_FDS."""
+        reply, _ = self._systemd("start_unit", unit=unit, argv=list(argv), env=dict(env))
+        return f"twin PID 1 started {unit} (pid {reply.get('pid')})"
+
+    def fdstore_peek(self, unit: str) -> list[tuple[str, int]]:
+        """(name, fd) of a dup of every fd in `unit`'s store, as PID 1 holds it now (a
+        test's look, like `systemd-analyze fdstore` with the fds)."""
         reply, fds = self._systemd("fdstore_take", unit=unit)
         names = [str(n) for n in reply.get("names", [])]
         if len(names) != len(fds):

@@ -38,11 +38,15 @@ from ..errors import KhoFleetError
 
 __all__ = ["LabGuest", "LabKey", "GuestError", "lab_key", "free_port", "GUEST_APPEND"]
 
+# no_timer_check (x86): under TCG on a loaded host the kernel's IO-APIC timer check can miss
+# its ticks and panic ("IO-APIC + timer doesn't work!"), seen after a kexec while the machine
+# ran a kernel build beside the lab; virtual machines commonly boot with it.
 GUEST_APPEND = ("root=/dev/vda rw console=ttyS0 net.ifnames=0 kho=on liveupdate=on "
-                "panic=-1")
+                "panic=-1 no_timer_check")
 # arm64 guests: qemu-system-aarch64 -M virt -cpu max (TCG; pauth-impdef: QEMU's cheap pointer
 # authentication, the architected one costs much under TCG), PL011 console ttyAMA0.
-ARM64_APPEND = GUEST_APPEND.replace("console=ttyS0", "console=ttyAMA0")
+ARM64_APPEND = GUEST_APPEND.replace("console=ttyS0", "console=ttyAMA0").replace(
+    " no_timer_check", "")
 _ARCH_QEMU = {"x86_64": ("qemu-system-x86_64", "q35", ()),
               "arm64": ("qemu-system-aarch64", "virt", ("-cpu", "max,pauth-impdef=on"))}
 PathLike = Union[str, Path]

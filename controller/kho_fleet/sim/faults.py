@@ -16,12 +16,13 @@ as the bare names always did.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = ["TWIN_FAULTS", "IMAGE_FAULTS", "ALL_FAULTS", "PLACED_FAULTS", "FaultError",
-           "Placement", "Fault", "parse_fault", "check_placement", "fault_names"]
+           "Placement", "Fault", "parse_fault", "check_placement", "check_placements",
+           "workload_sizes", "fault_names"]
 
 # Injected by the twin host (TwinConfig.faults, `twinkernel --fault`, the control op
 # "fault"); they persist until cleared. Value (NAME=N): slow-boot seconds, and the
@@ -129,25 +130,40 @@ def parse_fault(text: str, known: tuple[str, ...] = ALL_FAULTS) -> Fault:
     return Fault(name, num)
 
 
-def check_placement(f: Fault, sizes: Mapping[tuple[str, int], int], page_size: int,
+def check_placement(f: Fault, sizes: Mapping[tuple[str, int], Optional[int]], page_size: int,
                     where: str = "spec") -> None:
-    """FaultError unless `f`'s place is in a workload of `sizes` ({(session, token): size}):
-    an existing workload, offsets inside it, swap-pages on two different pages."""
+    """FaultError unless `f`'s place is in a workload of `sizes` ({(session, token): size};
+    None: an adopted memfd, whose size only the host knows): an existing workload, offsets
+    inside it, swap-pages on two different pages."""
     p = f.place
     if p is None:
         return
     text = f"{f.name}@{p.text()}"
-    size = sizes.get((p.session, p.token))
-    if size is None:
+    if (p.session, p.token) not in sizes:
         have = ", ".join(f"{s}/{t:#x}" for s, t in sorted(sizes)) or "none"
         raise FaultError(f"fault {text!r}: no workload {p.session}/{p.token:#x} in {where} "
                          f"(workloads: {have})")
+    size = sizes[(p.session, p.token)]
     for o in p.offsets:
-        if o >= size:
+        if size is not None and o >= size:
             raise FaultError(f"fault {text!r}: offset {o:#x} is past the end of "
                              f"{p.session}/{p.token:#x} ({size:#x} bytes)")
     if len(p.offsets) == 2 and p.offsets[0] // page_size == p.offsets[1] // page_size:
         raise FaultError(f"fault {text!r}: both offsets are in the same {page_size}-byte page")
+
+
+def check_placements(texts: Iterable[str], sizes: Mapping[tuple[str, int], Optional[int]],
+                     page_size: int, where: str = "spec") -> None:
+    """check_placement for every placed fault of `texts` (a host's kho_sim_faults, or the
+    CLI's --fault options); FaultError (one line) at the first bad one."""
+    for t in texts:
+        check_placement(parse_fault(t), sizes, page_size, where)
+
+
+def workload_sizes(spec: Any) -> dict[tuple[str, int], Optional[int]]:
+    """{(session, token): size} of a kho_agent WorkloadSpec (None for an adopted memfd)."""
+    return {(s.name, int(m.token)): (None if m.adopt else int(m.size))
+            for s in spec.sessions for m in s.memfds}
 
 
 def fault_names(texts: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import kho_agent
 
@@ -86,27 +86,29 @@ def check_sim_fault(text: str, workload_mib: int, page_size: int = 4096) -> Faul
     return f
 
 
-def run_sim_handover(workdir: str, *, fault: Optional[str] = None, workload_mib: int = 64,
-                     boot_delay: float = 0.5, boot_timeout: float = 30.0,
-                     page_size: int = 4096, release: str = "7.2.13-twin",
-                     target_release: str = "7.2.14-twin", kho: str = "kho-v4") -> SimResult:
+def run_sim_handover(workdir: str, *, fault: Union[str, Sequence[str], None] = None,
+                     workload_mib: int = 64, boot_delay: float = 0.5,
+                     boot_timeout: float = 30.0, page_size: int = 4096,
+                     release: str = "7.2.13-twin", target_release: str = "7.2.14-twin",
+                     kho: str = "kho-v4") -> SimResult:
     """Power on a fresh twin host under `workdir`, hand its workloads over to a new kernel,
-    and return the agent's handover report (or the controller's verdict if it never returns)."""
-    parsed = None if fault is None else check_sim_fault(fault, workload_mib, page_size)
+    and return the agent's handover report (or the controller's verdict if it never returns).
+    `fault`: one fault text or several (each as `--fault`), all injected together."""
+    texts = [] if fault is None else [fault] if isinstance(fault, str) else list(fault)
+    parsed = [check_sim_fault(t, workload_mib, page_size) for t in texts]
     root = os.path.abspath(os.path.join(workdir, "host"))
     os.makedirs(workdir, exist_ok=True)
     image = make_kernel_image(os.path.join(workdir, f"bzImage-{target_release}"), target_release,
-                              kho="kho-v3" if fault == "abi-mismatch-image" else kho)
+                              kho="kho-v3" if "abi-mismatch-image" in texts else kho)
     spec_path = os.path.join(workdir, "workloads.json")
     with open(spec_path, "w") as f:
         json.dump(workload_spec(workload_mib), f)
     ram = max(256, workload_mib * 3 + 128)
-    faults = [fault] if fault is not None and parsed is not None \
-        and parsed.name in TWIN_FAULTS else []
-    if fault == "kill-agent-before-finish":
-        # the agent retrieves its own journal memfd first: kill it after the second
-        # RETRIEVE_FD, i.e. with the first workload retrieved but its session not FINISHed
-        faults = ["kill-agent-before-finish=2"]
+    # kill-agent-before-finish: the agent retrieves its own journal memfd first: kill it
+    # after the second RETRIEVE_FD, i.e. with the first workload retrieved but its session
+    # not FINISHed
+    faults = ["kill-agent-before-finish=2" if t == "kill-agent-before-finish" else t
+              for t, p in zip(texts, parsed) if p.name in TWIN_FAULTS]
     res = SimResult(report={}, root=root)
     with start_twin(root, ram_mib=ram, page_size=page_size, release=release, kho=kho,
                     boot_delay=boot_delay, faults=faults) as twin:

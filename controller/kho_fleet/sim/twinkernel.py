@@ -7,7 +7,8 @@
 or `start_twin(root, **config) -> TwinHandle` from Python. Starting a twin on a root is a
 power-on: RAM (mem.img) starts zeroed and the kernel cold-boots. Host root layout:
 
-    mem.img                    physical RAM (sparse; physical address 0 = offset 0).
+    mem.img                    physical RAM (physical address 0 = offset 0): a symlink to
+                               the server's memfd (/proc/PID/fd/N), gone at power-off.
                                [0, 1 MiB) firmware and [16, 24) MiB kernel image are
                                reserved; the KHO scratch areas (debugfs scratch_phys /
                                scratch_len) never hold preserved data
@@ -220,6 +221,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(filename=os.path.join(os.path.abspath(cfg.root), "twin.log"),
                             level=logging.INFO,
                             format="%(asctime)s twin[%(process)d] %(message)s")
+        prof = os.environ.get("KHO_TWIN_PROFILE")     # a directory: cProfile the server
+        if prof:                                       # (bench/twin_handover.py --profile)
+            import cProfile
+            pr = cProfile.Profile()
+            try:
+                return pr.runcall(TwinServer(cfg).run)
+            finally:
+                pr.dump_stats(os.path.join(prof, f"twin-{os.getpid()}.prof"))
         return TwinServer(cfg).run()
     except TwinError as e:
         print(f"twinkernel: error: {e}", file=sys.stderr)

@@ -31,12 +31,12 @@ from kho_agent.abi import luo as luo_abi
 from kho_agent.abi import memfd as memfd_abi
 from kho_agent.abi.block import per_block, read_block_chain
 from kho_agent.abi.encode.luo import FileSpec, SessionSpec, write_luo
-from kho_agent.abi.encode.memfd import write_memfd
+from kho_agent.abi.encode.memfd import folio_array, write_memfd_array
 from kho_agent.abi.encode.radix import RadixBuilder
 from kho_agent.abi.kho import decode_kho_fdt
 from kho_agent.abi.vmalloc import read_vmalloc_pages
 
-from .twinmem import FREE, KERNEL, PAGECACHE, PageCache, PhysMem
+from .twinmem import FREE, KERNEL, PAGECACHE, PageCache, PhysMem, pfn_runs
 
 if TYPE_CHECKING:
     from .twinhost import KernelSpec
@@ -319,24 +319,20 @@ class LuoMixin:
             self._fit_blocks(sess.blocks, len(sess.files) + 1, luo_abi.FILE_SER.size)
             assert self.tree is not None
             layout = ent.folios(npages)
-            run_pa, run_n = 0, 0           # kho_preserve_folio(); order-0 runs a leaf at a time
+            # kho_preserve_folio() for each folio; order-0 pages as runs of consecutive PFNs,
+            # in physical order (a run mostly lands in the radix leaf of the run before)
+            small = [pfn for _, pfn, order in layout if order == 0]
             for _, pfn, order in layout:
-                if order == 0 and run_n and pfn * self.ps == run_pa + run_n * self.ps:
-                    run_n += 1
-                    continue
-                if run_n:
-                    self.tree.add_run(run_pa, 0, run_n)
-                    run_n = 0
-                if order == 0:
-                    run_pa, run_n = pfn * self.ps, 1
-                else:
+                if order:
                     self.tree.add(pfn * self.ps, order)
-            if run_n:
-                self.tree.add_run(run_pa, 0, run_n)
-            folios = [memfd_abi.MemfdFolio(pfn, _FOLIO_FLAGS, i) for i, pfn, _ in layout]
-            ser_pa, extra = write_memfd(size, folios, self.ps,
-                                        lambda: self.mem.alloc_page(KERNEL),
-                                        self.mem.write, pos=pos, seals=seals)
+            small.sort()
+            for first, _, n in pfn_runs(small):
+                self.tree.add_run(first * self.ps, 0, n)
+            arr = folio_array([pfn for _, pfn, _ in layout], [i for i, _, _ in layout],
+                              _FOLIO_FLAGS)
+            ser_pa, extra = write_memfd_array(size, len(layout), arr, self.ps,
+                                              lambda: self.mem.alloc_page(KERNEL),
+                                              self.mem.write, pos=pos, seals=seals)
         except MemoryError:
             raise Errno(errno.ENOMEM, "out of memory") from None
         ent.pins += 1
@@ -419,6 +415,12 @@ class LuoMixin:
         restored: list[int] = []
         by_index: dict[int, int] = {}        # page index -> pfn
         orders: dict[int, int] = {}          # head index -> order (> 0)
+        run = [0, 0, 0]                      # folios adjacent in RAM and in the file:
+        owner, in_pfns = self.mem.owner, self.in_pfns     # one copy (first PFN, index, n)
+
+        def flush() -> None:
+            pfn, index, n = run
+            self.mem.copy_out(fd, index * ps, pfn * ps, n * ps)
         try:
             for i, fo in enumerate(folios):
                 if not fo.pfn:
@@ -432,14 +434,25 @@ class LuoMixin:
                                    for pa in self._folio_pages(x.pfn)])
                     raise Errno(errno.EIO, f"folio at 0x{fo.pfn * ps:x} was not preserved")
                 n = 1 << order
-                os.pwrite(fd, self.mem.read(fo.pfn * ps, ps * n), fo.index * ps)
-                for k in range(n):
-                    restored.append(fo.pfn + k)
-                    by_index[fo.index + k] = fo.pfn + k
-                    self.in_pfns.discard(fo.pfn + k)
-                    self.mem.owner[fo.pfn + k] = PAGECACHE
+                if run[2] and run[0] + run[2] == fo.pfn and run[1] + run[2] == fo.index:
+                    run[2] += n
+                else:
+                    if run[2]:
+                        flush()
+                    run[:] = [fo.pfn, fo.index, n]
+                pages = range(fo.pfn, fo.pfn + n)
+                restored += pages
+                if n == 1:
+                    by_index[fo.index] = fo.pfn
+                    in_pfns.discard(fo.pfn)
+                else:
+                    by_index.update(zip(range(fo.index, fo.index + n), pages))
+                    in_pfns.difference_update(pages)
+                owner[fo.pfn:fo.pfn + n] = bytes([PAGECACHE]) * n
                 if order:
                     orders[fo.index] = order
+            if run[2]:
+                flush()
             os.ftruncate(fd, m.size)
             os.lseek(fd, m.pos, os.SEEK_SET)
             if m.seals:

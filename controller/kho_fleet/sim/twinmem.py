@@ -28,7 +28,7 @@ from typing import Optional
 __all__ = ["FREE", "RESERVED", "SCRATCH", "KERNEL", "PAGECACHE", "INCOMING", "Region",
            "PhysMem", "MIB", "CacheEntry", "PageCache", "page_flags", "wants_huge",
            "pmd_order", "THP_SETTINGS", "THP_DEFAULT", "THP_FILE", "thp_file_text",
-           "thp_selected"]
+           "thp_selected", "pfn_runs"]
 
 FREE, RESERVED, SCRATCH, KERNEL, PAGECACHE, INCOMING = range(6)
 MIB = 1 << 20
@@ -75,6 +75,40 @@ def pmd_order(page_size: int) -> int:
     return (page_size // 8).bit_length() - 1
 
 
+def _ram_fd(path: str, size: int) -> int:
+    """A read-write fd of `size` zero bytes of RAM, and `path` naming it for other processes.
+
+    RAM lives in memory (a memfd: shmem pages), as a host's RAM does; `path` is a symlink
+    to /proc/PID/fd/N of this process, which the agent opens as the host's /dev/mem (the
+    link dangles once the twin is off: RAM is gone with the power). On ext4, as a file
+    (before), every first touch of a page of the mapping cost ~15-50 us and every written
+    page went to the disk as well; a GiB preserved took tens of seconds. Without
+    memfd_create (not Linux) or where the link cannot be made, `path` is the file itself."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("twin-ram", getattr(os, "MFD_CLOEXEC", 1))
+        try:
+            os.ftruncate(fd, size)
+            os.symlink(f"/proc/{os.getpid()}/fd/{fd}", path)
+            return fd
+        except OSError:
+            os.close(fd)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        try:      # blocks allocated now (unwritten, no I/O): a first touch of a sparse
+            os.posix_fallocate(fd, 0, size)     # file's page costs ~10x (ext4)
+        except OSError:
+            pass
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @dataclass(frozen=True)
 class Region:
     """[start, start+size) of physical memory with a purpose."""
@@ -98,16 +132,9 @@ class PhysMem:
         self.size = size
         self.page_size = page_size
         self.npages = size // page_size
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # power-on: RAM is zero
-        try:
-            os.ftruncate(fd, size)
-            try:      # blocks allocated now (unwritten, no I/O): a first touch of a sparse
-                os.posix_fallocate(fd, 0, size)     # file's page costs ~10x (ext4)
-            except OSError:
-                pass
-            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
+        self.fd = _ram_fd(path, size)                    # power-on: RAM is zero
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._cfr = hasattr(os, "copy_file_range")     # copy_in/copy_out in the kernel
         self.owner = bytearray(self.npages)
         self.dirty = bytearray(self.npages)
         self.rng = random.Random(seed)
@@ -115,6 +142,7 @@ class PhysMem:
 
     def close(self) -> None:
         self.map.close()
+        os.close(self.fd)
 
     # --- bytes ----------------------------------------------------------------------------
     def read(self, pa: int, length: int) -> bytes:
@@ -130,6 +158,46 @@ class PhysMem:
         ps = self.page_size
         first, last = pa // ps, (pa + max(len(data), 1) - 1) // ps
         self.dirty[first:last + 1] = b"\x01" * (last - first + 1)
+
+    def copy_in(self, src: int, off: int, pa: int, length: int) -> int:
+        """Copy up to `length` bytes of file `src` from `off` into RAM at `pa`, in the
+        kernel (copy_file_range: page cache to page cache, no page faults on the RAM
+        mapping; preadv into the mapping where it is not supported); returns the bytes
+        copied (fewer at the file's end). Marks nothing dirty: the caller does."""
+        done = 0
+        while done < length and self._cfr:
+            try:
+                n = os.copy_file_range(src, self.fd, length - done, off + done, pa + done)
+            except OSError:
+                self._cfr = False             # EXDEV, EINVAL, ENOSYS: the mapping instead
+                break
+            if n <= 0:
+                return done
+            done += n
+        with memoryview(self.map) as ram:
+            while done < length:
+                n = os.preadv(src, [ram[pa + done:pa + length]], off + done)
+                if n <= 0:
+                    break
+                done += n
+        return done
+
+    def copy_out(self, dst: int, off: int, pa: int, length: int) -> None:
+        """Write `length` bytes of RAM at `pa` into file `dst` at `off` (copy_file_range,
+        else pwrite from the mapping)."""
+        done = 0
+        while done < length and self._cfr:
+            try:
+                n = os.copy_file_range(self.fd, dst, length - done, pa + done, off + done)
+            except OSError:
+                self._cfr = False
+                break
+            if n <= 0:
+                break
+            done += n
+        with memoryview(self.map) as ram:
+            while done < length:
+                done += os.pwrite(dst, ram[pa + done:pa + length], off + done)
 
     # --- ownership ----------------------------------------------------------------------
     def set_owner(self, pfns: Iterable[int], kind: int) -> None:
@@ -171,15 +239,15 @@ class PhysMem:
         if count > self.free_pages():
             raise MemoryError(f"out of memory ({count} pages wanted)")
         out: list[int] = []
-        owner, rng = self.owner, self.rng
+        owner, rng, n = self.owner, self.rng, self.npages
+        mark = bytes([kind]) * max_run
         while len(out) < count:
             p = self._random_free()
             run = min(rng.randint(1, max_run), count - len(out))
-            while run and p < self.npages and owner[p] == FREE:
-                owner[p] = kind
-                out.append(p)
-                p += 1
-                run -= 1
+            seg = owner[p:min(p + run, n)]            # the free pages from p on (FREE == 0)
+            k = len(seg) - len(seg.lstrip(b"\0"))
+            owner[p:p + k] = mark[:k]
+            out += range(p, p + k)
         return out
 
     def alloc_folio(self, order: int, kind: int = PAGECACHE) -> Optional[int]:
@@ -239,6 +307,18 @@ class PhysMem:
             self.write(pa, (pattern * (ps // len(pattern) + 1))[:ps])
 
 
+def pfn_runs(pfns: list[int]) -> list[tuple[int, int, int]]:
+    """[(first PFN, first index, pages)] of the runs of consecutive PFNs in `pfns` (file
+    order): one comprehension finds the breaks, no per-page Python loop body."""
+    n = len(pfns)
+    if not n:
+        return []
+    cuts = [k for k, (a, b) in enumerate(zip(pfns, pfns[1:]), 1) if b != a + 1]
+    starts = [0] + cuts
+    ends = cuts + [n]
+    return [(pfns[a], a, b - a) for a, b in zip(starts, ends)]
+
+
 @dataclass
 class CacheEntry:
     """A file's page cache: the twin's reference to the file and the PFN of each page.
@@ -254,6 +334,9 @@ class CacheEntry:
 
     def folios(self, npages: int) -> list[tuple[int, int, int]]:
         """(index, head PFN, order) of each folio of the first `npages` pages."""
+        if not self.orders:
+            pfns = self.pfns
+            return [(i, pfns[i], 0) for i in range(npages)]
         out: list[tuple[int, int, int]] = []
         i = 0
         while i < npages:
@@ -365,31 +448,21 @@ class PageCache:
 
     def fill(self, fd: int, pfns: list[int], size: int) -> None:
         """Copy the file's first `size` bytes into its pages (zero-padded): run by run of
-        consecutive PFNs, read by preadv straight into RAM (a GiB in well under a second)."""
+        consecutive PFNs, copied by the kernel from the file into RAM (PhysMem.copy_in)."""
         ps, mem = self.mem.page_size, self.mem
-        n, i = len(pfns), 0
-        runs: list[tuple[int, int, int]] = []        # (first PFN, first index, pages)
-        while i < n:
-            j, first = i + 1, pfns[i]
-            while j < n and pfns[j] == first + (j - i):
-                j += 1
-            runs.append((first, i, j - i))
-            i = j
-        runs.sort()          # in physical order: first touches of mem.img pages are ~20x
-        with memoryview(mem.map) as ram:      # cheaper in file order than scattered
-            for first, i, k in runs:
-                dst = ram[first * ps:(first + k) * ps]
-                want, got = max(0, min(size - i * ps, len(dst))), 0
-                while got < want:
-                    r = os.preadv(fd, [dst[got:want]], i * ps + got)
-                    if r <= 0:
-                        break
-                    got += r
-                if got < len(dst):
-                    dst[got:] = bytes(len(dst) - got)
-                dst.release()
-                mem.dirty[first:first + k] = b"\x01" * k
-        mem.set_owner(pfns, PAGECACHE)
+        runs = pfn_runs(pfns)
+        runs.sort()          # in physical order
+        zero = b""
+        mark = bytes([PAGECACHE])
+        for first, i, k in runs:
+            pa, want = first * ps, max(0, min(size - i * ps, k * ps))
+            got = mem.copy_in(fd, i * ps, pa, want) if want else 0
+            if got < k * ps:                                    # past the end: zeros
+                if len(zero) < k * ps - got:
+                    zero = bytes(k * ps - got)
+                mem.map[pa + got:pa + k * ps] = zero[:k * ps - got]
+            mem.dirty[first:first + k] = b"\x01" * k
+            mem.owner[first:first + k] = mark * k
 
     def pagemap(self, fd: int, size: int) -> list[int]:
         """PFN of each page of the file in [0, size), 0 past its end.

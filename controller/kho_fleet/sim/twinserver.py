@@ -130,6 +130,7 @@ class TwinServer:
         self.host: Optional[TwinHost] = None
         self.exempt = {os.getpid(), os.getppid(), 1, *cfg.outside_pids}
         self._post: list[Callable[[], None]] = []
+        self.request_pid: Optional[int] = None    # the peer of the request being served
         self.systemd = TwinSystemd(self)          # PID 1: FD stores, systemctl kexec
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -344,6 +345,7 @@ class TwinServer:
         if conn.sock.fileno() not in self.conns:
             proto.close_fds(fds)
             return
+        self.request_pid = proto.peer_pid(conn.sock)    # who asks (PID 1's NotifyAccess=main)
         try:
             reply, out_fds = self._dispatch(conn, msg, fds)
         except Errno as e:
@@ -519,8 +521,9 @@ class TwinServer:
         self._stop_listening()
         self._write_state()
         h.last_faults = {}
-        h.serialize()
-        self._page_faults()
+        stale = self._stale_copies()      # the pages as PRESERVE_FD copied them, before the
+        h.serialize()                     # freeze copies each file into its folios again
+        self._page_faults(stale)
         self._kill(self._victims(), f"kexec -> {target.release}")
         self._close_all()
         handoff = h.shutdown()
@@ -542,13 +545,34 @@ class TwinServer:
         self._write_state()
         self._after(delay, self._come_up)
 
-    def _page_faults(self) -> None:
+    def _stale_copies(self) -> dict[str, tuple[list[tuple[str, int, int, int]], bytes]]:
+        """For each stale-page fault: its place and the page's bytes as they are in RAM
+        now, i.e. as PRESERVE_FD copied the file into its folios (the freeze copies it
+        again). Random places are drawn here, once, with the twin's seeded rng."""
+        h = self.host
+        assert h is not None
+        out: dict[str, tuple[list[tuple[str, int, int, int]], bytes]] = {}
+        for text in sorted(self.faults):
+            f = parse_fault_text(text, TWIN_FAULTS)
+            if f.name != "stale-page":
+                continue
+            try:
+                where = self._place(f)
+            except Errno:
+                continue                                 # said again by _page_fault
+            out[text] = (where, h.mem.read(where[0][3] * h.ps, h.ps))
+        return out
+
+    def _page_faults(self, stale: Optional[dict[str, tuple[list[tuple[str, int, int, int]],
+                                                            bytes]]] = None) -> None:
         """The page faults, applied to the serialized memory before the next kernel reads
         it: at a named place (faults.py), else at a seeded random preserved page. What
         was done is in last_faults under the fault's text (offset: bytes into the memfd
-        for a placed fault, into the page for a bare bitflip, as it always was)."""
+        for a placed fault, into the page for a bare bitflip, as it always was).
+        `stale`: _stale_copies() taken before the freeze."""
         h = self.host
         assert h is not None
+        stale = stale or {}
         pages = h.preserved_data_pages()
         if not pages:
             return
@@ -571,7 +595,7 @@ class TwinServer:
                 continue                                       # done above, as before
             if f.name in PAGE_FAULTS:
                 try:
-                    h.last_faults[text] = self._page_fault(f)
+                    h.last_faults[text] = self._page_fault(f, stale.get(text))
                 except Errno as e:
                     log.warning("fault %s: %s", text, e)
                     h.last_faults[text] = {"error": str(e)}
@@ -603,11 +627,12 @@ class TwinServer:
                             f"{name}/{fl.token:#x} ({len(fl.pfns)} pages)")
         return [(name, fl.token, o, fl.pfns[o // ps]) for o in offs]
 
-    def _page_fault(self, f: Fault) -> dict[str, Any]:
+    def _page_fault(self, f: Fault, stale: Optional[tuple[list[tuple[str, int, int, int]],
+                                                          bytes]] = None) -> dict[str, Any]:
         h = self.host
         assert h is not None
         ps, mem = h.ps, h.mem
-        where = self._place(f)
+        where = stale[0] if stale is not None else self._place(f)
         name, token, off, pfn = where[0]
         out: dict[str, Any] = {"session": name, "token": token, "offset": off, "pfn": pfn}
         pa = pfn * ps
@@ -616,10 +641,12 @@ class TwinServer:
             at = pa + off % ps
             mem.write(at, bytes([mem.read(at, 1)[0] ^ (1 << bit)]))
             out["bit"] = bit
-        elif f.name in ("zero-page", "stale-page"):
-            # stale-page: an old copy of the page -- as it was before its data was
-            # written (a fresh page of the file); the twin keeps no older version
+        elif f.name == "zero-page":
             mem.write(pa, bytes(ps))
+        elif f.name == "stale-page":
+            old, how = stale_copy(mem.read(pa, ps), stale[1] if stale is not None else None)
+            mem.write(pa, old)
+            out["stale"] = how
         elif f.name == "swap-pages":
             _, _, off2, pfn2 = where[1]
             a, b = mem.read(pa, ps), mem.read(pfn2 * ps, ps)
@@ -659,6 +686,25 @@ class TwinServer:
         assert self.host is not None
         self.host.last_faults["kill-agent-before-finish"] = {"pids": sorted(victims)}
         self._write_state()
+
+
+def stale_copy(now: bytes, at_preserve: Optional[bytes]) -> tuple[bytes, str]:
+    """(an old copy of a page whose bytes are `now`, where it came from).
+
+    "preserve": the page as PRESERVE_FD copied it (`at_preserve`), when the workload wrote
+    the page since: the freeze missed its last writes (as if the folio had been migrated
+    after PRESERVE_FD and the preserved folio array still named the old frame).
+    "cacheline": the page was not written since PRESERVE_FD (the twin's own workloads write
+    every page once, before it), and the twin never saw the page's earlier versions (the
+    writes are the host kernel's). It stands in an old copy that is neither the current
+    bytes nor zeros: the page one 64-byte cache line behind (its bytes rotated by 64), or,
+    for a page of one repeated byte, that byte inverted."""
+    if at_preserve is not None and at_preserve != now:
+        return at_preserve, "preserve"
+    old = now[64:] + now[:64]
+    if old == now:
+        old = bytes(b ^ 0xFF for b in now)
+    return old, "cacheline"
 
 
 class _Handed(dict):

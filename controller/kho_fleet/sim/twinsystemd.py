@@ -7,15 +7,26 @@ stores, no `systemctl kexec`), so twin hosts that do not ask for systemd behave 
 
 Control requests (kho_agent.kernel.twin, twinproto's control socket):
 - `systemd_status` -> {name, version, detail, units: [{unit, count, preserve, max, names}]}
-- `fdstore_add` {unit, name, session_name, preserve, max} + one fd: sd_notify FDSTORE=1 of a
-  service (`preserve`: FileDescriptorStorePreserve, default yes). A LUO session fd comes
-  with its `session_name` (systemd's `luo_session` entry).
-- `fdstore_take` {unit} -> names + fds: what the unit gets in LISTEN_FDS when it starts;
-  session fds are handed over (they leave the store), plain fds are duplicated.
+- `start_unit` {unit, argv, env, preserve, max} -> {pid}: `systemctl start UNIT` of a
+  Type=notify service: PID 1 starts `argv` with the unit's FD store at fds 3.. and
+  LISTEN_PID / LISTEN_FDS / LISTEN_FDNAMES in its environment (sd_listen_fds), and that
+  process is the unit's main process.
+- `fdstore_add` {unit, name, session_name} + one fd: sd_notify FDSTORE=1. Only the unit's
+  main process may send it (NotifyAccess=main; a process that was not started as the unit
+  has no $NOTIFY_SOCKET on Linux): anything else is refused with EPERM. A LUO session fd
+  comes with its `session_name` (systemd's `luo_session` entry).
+- `fdstore_remove` {unit, name}: sd_notify FDSTOREREMOVE=1 (same rule).
+- `fdstore_take` {unit} -> names + dups of every fd in the store (a test's look at it).
 - `systemd_kexec` {delay}: `systemctl kexec` into the loaded kernel.
 
+ROOT/etc/twin-init.json may also name units PID 1 starts at every boot after a kexec, as
+systemd starts kho-agent-verify.service early in the boot:
+`"at_boot": {"kho-agent-verify.service": {"argv": [...], "env": {...}}}`; their output
+goes to ROOT/var/log/UNIT.log.
+
 `systemctl kexec`, as systemd 262's shutdown does it (src/shared/luo-util.c): services are
-stopped (their processes killed), then systemd-shutdown opens /dev/liveupdate (EBUSY if a
+stopped (SIGTERM to each unit's main process, SIGKILL to what is left after a grace time),
+then systemd-shutdown opens /dev/liveupdate (EBUSY if a
 process still holds it: every store is lost), creates the session `systemd`, preserves each
 plain FD-store fd of a unit with FileDescriptorStorePreserve=yes at tokens 1.. and a JSON
 mapping memfd at token 0 (`{"version": 1, "units": {UNIT: {"fdstore": [{"type": "fd",
@@ -32,7 +43,10 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -52,6 +66,21 @@ INIT_FILE = "etc/twin-init.json"
 SESSION = "systemd"          # LUO_SESSION_NAME
 MAPPING_TOKEN = 0            # LUO_MAPPING_INDEX
 LUO_MIN_VERSION = 262
+STOP_GRACE_S = 5.0           # TimeoutStopSec before SIGKILL, short for a twin
+
+# Starts a unit's process with its FD store at fds 3.. (sd_listen_fds): argv[1] is the JSON
+# list of the fds the twin server passed, argv[2:] the unit's command line.
+_LISTEN_SHIM = """import fcntl, json, os, sys
+fds = json.loads(sys.argv[1]); n = len(fds)
+hi = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 3 + n) for f in fds]
+for f in fds:
+    os.close(f)
+for i, f in enumerate(hi):
+    os.dup2(f, 3 + i)
+    os.close(f)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
 
 @dataclass
@@ -71,6 +100,14 @@ class Unit:
     preserve: str = "yes"
     max: int = 16
     fds: list[FdEntry] = field(default_factory=list)
+    main: Optional[subprocess.Popen] = None     # the main process PID 1 started
+
+    @property
+    def main_pid(self) -> Optional[int]:
+        """The main process while it runs (reaped here: PID 1 is its parent)."""
+        if self.main is None or self.main.poll() is not None:
+            return None
+        return self.main.pid
 
     def to_json(self) -> dict[str, Any]:
         return {"unit": self.name, "count": len(self.fds), "preserve": self.preserve,
@@ -114,19 +151,36 @@ class TwinSystemd:
             name, ver, detail = self.init()
             return {"ok": True, "name": name, "version": ver, "detail": detail,
                     "units": [u.to_json() for _, u in sorted(self.units.items())]}, []
-        if op not in ("fdstore_add", "fdstore_take", "systemd_kexec"):
+        if op not in ("fdstore_add", "fdstore_take", "fdstore_remove", "start_unit",
+                      "systemd_kexec"):
             return None
         if self.init()[0] != "systemd":
             raise Errno(errno.EHOSTDOWN, f"{op}: PID 1 is not systemd on this twin host "
                         f"(write {INIT_FILE})")
+        if op == "start_unit":
+            return self._start_unit(msg)
+        if op in ("fdstore_add", "fdstore_remove"):
+            unit = str(msg.get("unit") or "")
+            if not unit.endswith(".service"):
+                raise Errno(errno.EINVAL, f"{op}: unit {unit!r} is not a service")
+            got = self.units.get(unit)
+            main = got.main_pid if got is not None else None
+            if main is None or self.srv.request_pid != main:
+                raise Errno(errno.EPERM, f"{op}: no $NOTIFY_SOCKET: pid "
+                            f"{self.srv.request_pid} does not run as {unit} (its main "
+                            f"process is {main or 'not running'}; start it through PID 1)")
+            assert got is not None
+            u = got
+        if op == "fdstore_remove":
+            name = str(msg.get("name") or "")
+            gone = [e for e in u.fds if e.name == name]
+            for e in gone:
+                os.close(e.fd)
+                u.fds.remove(e)
+            return {"ok": True, "removed": len(gone)}, []
         if op == "fdstore_add":
             if len(fds) != 1:
                 raise Errno(errno.EBADF, "fdstore_add needs exactly one fd")
-            unit = str(msg.get("unit") or "")
-            if not unit.endswith(".service"):
-                raise Errno(errno.EINVAL, f"fdstore_add: unit {unit!r} is not a service")
-            u = self.units.setdefault(unit, Unit(unit, str(msg.get("preserve") or "yes"),
-                                                 int(msg.get("max") or 16)))
             if len(u.fds) >= u.max:
                 raise Errno(errno.EXFULL, f"{unit}: FileDescriptorStoreMax={u.max} reached")
             sname = msg.get("session_name")
@@ -138,9 +192,6 @@ class TwinSystemd:
             if got is None:
                 return {"ok": True, "names": []}, []
             out = [(e.name, os.dup(e.fd)) for e in got.fds]
-            for e in [e for e in got.fds if e.session_name]:
-                os.close(e.fd)
-                got.fds.remove(e)
             self.srv._post.append(lambda: proto.close_fds([fd for _, fd in out]))
             return {"ok": True, "names": [n for n, _ in out]}, [fd for _, fd in out]
         # systemd_kexec
@@ -154,8 +205,83 @@ class TwinSystemd:
         self.srv._after(max(0.0, float(msg.get("delay") or 0.0)), self._systemctl_kexec)
         return {"ok": True}, []
 
+    def _start_unit(self, msg: dict) -> tuple[dict, list[int]]:
+        """`systemctl start UNIT`: its process, the FD store at fds 3.. (LISTEN_FDS)."""
+        unit = str(msg.get("unit") or "")
+        if not unit.endswith(".service"):
+            raise Errno(errno.EINVAL, f"start_unit: unit {unit!r} is not a service")
+        argv = msg.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise Errno(errno.EINVAL, "start_unit: argv must be a non-empty list of strings")
+        u = self.units.setdefault(unit, Unit(unit, str(msg.get("preserve") or "yes"),
+                                             int(msg.get("max") or 4096)))
+        if u.main_pid is not None:
+            return {"ok": True, "pid": u.main_pid, "already": True}, []
+        return {"ok": True, "pid": self._spawn(u, argv, msg.get("env") or {})}, []
+
+    def _spawn(self, u: Unit, argv: list[str], env: dict) -> int:
+        fds = [e.fd for e in u.fds]
+        penv = {str(k): str(v) for k, v in dict(env).items()}
+        penv.pop("LISTEN_PID", None)
+        if fds:
+            penv["LISTEN_FDS"] = str(len(fds))
+            penv["LISTEN_FDNAMES"] = ":".join(e.name for e in u.fds)
+            argv = [sys.executable, "-c", _LISTEN_SHIM, json.dumps(fds), *argv]
+        logdir = os.path.join(self.srv.root, "var/log")
+        os.makedirs(logdir, exist_ok=True)
+        with open(os.path.join(logdir, f"{u.name}.log"), "ab") as log:
+            try:
+                u.main = subprocess.Popen(argv, env=penv, stdin=subprocess.DEVNULL,
+                                          stdout=log, stderr=log, pass_fds=tuple(fds),
+                                          start_new_session=True)
+            except OSError as e:
+                raise Errno(e.errno or errno.ENOEXEC, f"start {u.name}: {argv[0]}: "
+                            f"{e.strerror}") from None
+        self._log(f"systemd[1]: Started {u.name} (pid {u.main.pid}"
+                  + (f", {len(fds)} fds from its store" if fds else "") + ").")
+        return u.main.pid
+
+    def _start_boot_units(self) -> None:
+        """The units twin-init.json's `at_boot` names (kho-agent-verify.service)."""
+        if self.srv.state != "up":
+            return
+        try:
+            with open(os.path.join(self.srv.root, INIT_FILE)) as f:
+                at_boot = json.load(f).get("at_boot") or {}
+        except (OSError, ValueError, AttributeError):
+            return
+        for name, body in sorted(at_boot.items()):
+            u = self.units.setdefault(name, Unit(name, "no", 0))
+            try:
+                self._spawn(u, list(body["argv"]), dict(body.get("env") or {}))
+            except (Errno, KeyError, TypeError) as err:
+                self._log(f"systemd[1]: Failed to start {name}: {err}")
+
     # --- kexec ----------------------------------------------------------------------------------
     def _systemctl_kexec(self) -> None:
+        """Stop the units (SIGTERM to their main processes; the server keeps serving while
+        they exit, as PID 1 does), then the rest as systemd-shutdown."""
+        srv, h = self.srv, self.srv.host
+        if h is None or h.loaded is None or srv.state != "up":
+            return
+        self._log("systemd[1]: Stopping services for kexec.")
+        mains = [u.main for u in self.units.values()
+                 if u.main is not None and u.main_pid is not None]
+        for p in mains:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+        end = time.monotonic() + STOP_GRACE_S
+
+        def wait() -> None:
+            if any(p.poll() is None for p in mains) and time.monotonic() < end:
+                srv._after(0.02, wait)
+                return
+            self._shutdown()
+        wait()
+
+    def _shutdown(self) -> None:
         srv, h = self.srv, self.srv.host
         if h is None or h.loaded is None or srv.state != "up":
             return
@@ -173,6 +299,10 @@ class TwinSystemd:
         finally:
             self.via_systemd = False
             self._drop_all(None)
+            for u in self.units.values():
+                if u.main is not None:
+                    u.main.poll()             # killed with the old kernel: reap it
+                    u.main = None
 
     def _preserve_stores(self) -> None:
         """systemd-shutdown: session `systemd`, tokens 1.., the mapping at token 0."""
@@ -245,12 +375,20 @@ class TwinSystemd:
         """The direct path: after reboot(KEXEC), nothing PID 1 held survives."""
         if not self.via_systemd:
             self._drop_all(None)
+        for u in self.units.values():
+            if u.main is not None:
+                u.main.poll()
+                u.main = None
 
     # --- boot -------------------------------------------------------------------------------------
     def after_boot(self) -> None:
         """PID 1 of the new kernel: take the `systemd` session back, refill the stores."""
         h = self.srv.host
-        if h is None or not h.liveupdate or self.init()[0] != "systemd":
+        if h is None or self.init()[0] != "systemd":
+            return
+        if h.kexec_count:
+            self.srv._after(0.0, self._start_boot_units)    # once the host is up
+        if not h.liveupdate:
             return
         insess = next((s for s in h.in_sessions if s.name == SESSION), None)
         if insess is None:

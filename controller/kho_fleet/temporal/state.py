@@ -30,12 +30,56 @@ from ..lifecycle import Step
 from ..statedb import HOST_STATES, Event, HostRow, RolloutRow, StageRow, entering
 
 __all__ = ["WORKFLOW_QUEUE", "site_queue", "new_host", "transition", "log", "Snapshot",
-           "HOST_FIELDS", "phase", "phases", "GROUP_MAX"]
+           "HOST_FIELDS", "phase", "phases", "GROUP_MAX", "batch_width", "groups"]
 
 WORKFLOW_QUEUE = "kho-fleet-workflows"      # the rollout workflows' own task queue
 HOST_FIELDS = tuple(f.name for f in dc_fields(HostRow))
 _SETTABLE = ("last_contact", "kexec_started_at", "back_at", "report", "error")
-GROUP_MAX = 25                  # hosts of a batch that one phase activity carries, at most
+GROUP_MAX = 50                  # hosts of a batch that one phase activity carries, at most
+
+
+def batch_width(n_hosts: int, max_parallel: int, batch_size: int) -> int:
+    """Hosts per batch workflow in a stage of `n_hosts` run `max_parallel` at a time, when a
+    batch runs all of its hosts at once (at most `batch_size`) and the stage runs as many
+    batches at once as fit in `max_parallel` (HostBatchWorkflow, RolloutWorkflow._run_stage).
+
+    A stage that fits in max_parallel is cut in batches of `batch_size`, all running at
+    once. A larger one in batches of max_parallel / k, k = the fewest batches of at most
+    `batch_size` that fill max_parallel: k batches run at once, the next starts when a
+    batch's hosts are done and free its slots.
+
+    Why whole batches at once: hosts that start together reach each phase together and share
+    its activity (Temporal's cost is per activity); 50 batches of 200 sharing 500 slots ran
+    10 hosts each, which started one by one and shared almost nothing (docs/scale.md).
+
+    >>> batch_width(12, 100, 200), batch_width(9999, 500, 200), batch_width(10, 5, 200)
+    (200, 166, 5)
+    >>> batch_width(100000, 1000, 200), batch_width(3, 1, 200)
+    (200, 1)
+    """
+    par, size = max(1, max_parallel), max(1, batch_size)
+    if n_hosts <= par:
+        return size
+    k = -(-par // size)
+    return max(1, par // k)
+
+
+def groups(jobs: list, most: int = GROUP_MAX) -> list[list]:
+    """`jobs` cut into the fewest groups of at most `most`, of near-equal sizes (a lone
+    straggler group of 2 after 4 full ones would cost an activity for 2 hosts).
+
+    >>> [len(g) for g in groups(list(range(166)), 50)]
+    [42, 42, 41, 41]
+    >>> groups([1, 2, 3], 50)
+    [[1, 2, 3]]
+    """
+    n = -(-len(jobs) // max(1, most))
+    out, start = [], 0
+    for i in range(n):
+        size = len(jobs) // n + (1 if i < len(jobs) % n else 0)
+        out.append(jobs[start:start + size])
+        start += size
+    return out
 
 
 def phase(ahead: list[Step]) -> list[Step]:

@@ -1,7 +1,9 @@
 """The rollout as Temporal workflows: the embedded engine's loop, with durable history.
 
-RolloutWorkflow drives the stages: it starts one HostBatchWorkflow per `batch_size` hosts of
-a stage (a workflow's history stays bounded however large the fleet), judges the stage's
+RolloutWorkflow drives the stages: it cuts a stage's hosts into HostBatchWorkflows of at most
+`batch_size` hosts (a workflow's history stays bounded however large the fleet) that each
+run all of their hosts at once, and starts them as the stage's max_parallel slots allow
+(state.batch_width; a batch signals `release` as its slots free up); it judges the stage's
 gate with rollout.judge_gate, and applies the failure policy and pauses. HostBatchWorkflow
 drives each of its hosts through lifecycle.steps_from(state) a phase at a time
 (state.phase: the steps up to the next abort point or at-most-once step), each phase an
@@ -20,8 +22,9 @@ never scheduled twice for a host. A phase no worker of the host's site takes wit
 shows it waiting.
 
 Deterministic: no I/O, time from workflow.now(), every host-touching act an activity.
-Signals: abort(reason), proceed() (after a `pause: manual` stage). Queries: status (the
-rollout, stages, events and batch ids), hosts (a batch's rows, events, pending steps).
+Signals: abort(reason), proceed() (after a `pause: manual` stage), release (a batch's freed
+slots). Queries: status (the rollout, stages, events and batch ids), hosts (a batch's rows,
+events, pending steps).
 """
 
 from __future__ import annotations
@@ -40,7 +43,16 @@ with workflow.unsafe.imports_passed_through():
     from ..playbook import Gate
     from ..rollout import host_result, judge_gate
     from .activities import ACTIVITY, MARKER_STEP
-    from .state import GROUP_MAX, WORKFLOW_QUEUE, log, new_host, phase, site_queue, transition
+    from .state import (
+        WORKFLOW_QUEUE,
+        batch_width,
+        groups,
+        log,
+        new_host,
+        phase,
+        site_queue,
+        transition,
+    )
     from .state import _host_row as host_row
 
 __all__ = ["RolloutWorkflow", "HostBatchWorkflow", "ROLLOUT_WORKFLOW", "BATCH_WORKFLOW"]
@@ -88,13 +100,37 @@ class HostBatchWorkflow:
         now = _now()
         for h in inp["hosts"]:
             self.rows[h] = new_host(h, inp["stage_idx"], now)
-        sem = asyncio.Semaphore(max(1, int(inp["max_parallel"])))
+        share = max(1, int(inp["max_parallel"]))
+        sem = asyncio.Semaphore(share)
+        left = len(inp["hosts"])
+        told = 0                        # slots this batch told the rollout it will not use again
+        step = -(-share // 8)           # at most 8 signals; an eighth idle at most
+        parent = workflow.info().parent
+        signals: list[asyncio.Task] = []
 
         async def one(name: str) -> None:
+            nonlocal left, told
             async with sem:
                 await self._run_host(name)
+            left -= 1
+            free = max(0, share - left)     # slots no host of this batch will take again
+            if inp.get("release") and parent is not None and left and free - told >= step:
+                told = free
+                signals.append(asyncio.get_running_loop().create_task(
+                    self._release(parent.workflow_id, free)))
         await asyncio.gather(*(one(h) for h in inp["hosts"]))
+        await asyncio.gather(*signals)
         return {"results": [host_result(host_row(self.rows[h])) for h in inp["hosts"]]}
+
+    async def _release(self, parent_id: str, free: int) -> None:
+        """Tell the rollout that `free` of this batch's slots are free for good (its other
+        hosts are all running or done), so it can start its next batch before this one's
+        slowest host is done."""
+        try:
+            await workflow.get_external_workflow_handle(parent_id).signal(
+                "release", {"batch": workflow.info().workflow_id, "free": free})
+        except Exception:  # the rollout ended (aborted): nothing waits for the slots
+            pass
 
     @workflow.signal
     def abort(self, reason: str) -> None:
@@ -208,9 +244,8 @@ class HostBatchWorkflow:
         workflow task had its turn to join."""
         for _ in range(3):
             await asyncio.sleep(0)
-        queue = self._queues.pop(key)
-        for k in range(0, len(queue), GROUP_MAX):
-            asyncio.get_running_loop().create_task(self._group(key, queue[k:k + GROUP_MAX]))
+        for group in groups(self._queues.pop(key)):
+            asyncio.get_running_loop().create_task(self._group(key, group))
 
     async def _group(self, key: tuple[str, tuple[str, ...], bool],
                      jobs: list[dict[str, Any]]) -> None:
@@ -296,6 +331,7 @@ class RolloutWorkflow:
         self.events: list[dict[str, Any]] = []
         self.batches: list[dict[str, Any]] = []
         self.proceed_now = False
+        self.free = 0                   # slots of the running stage's max_parallel not taken
 
     # --- signals and queries -------------------------------------------------------------
     @workflow.signal
@@ -311,6 +347,16 @@ class RolloutWorkflow:
     @workflow.signal
     def proceed(self) -> None:
         self.proceed_now = True
+
+    @workflow.signal
+    def release(self, msg: dict[str, Any]) -> None:
+        """A batch's slots that none of its hosts will take again (HostBatchWorkflow)."""
+        for b in self.batches:
+            if b["id"] == msg.get("batch") and not b["done"]:
+                more = min(int(msg.get("free") or 0), b["share"]) - b["released"]
+                if more > 0:
+                    b["released"] += more
+                    self.free += more
 
     @workflow.query(name="status")
     def get_status(self) -> dict[str, Any]:
@@ -378,13 +424,25 @@ class RolloutWorkflow:
         return {"status": self.status, "reason": self.reason}
 
     async def _run_stage(self, idx: int, st: dict[str, Any]) -> list[dict]:
+        """The stage's hosts in batch workflows (state.batch_width), each running all of its
+        hosts at once; a batch starts when the running ones leave it enough of the stage's
+        max_parallel slots (a batch frees its slots as its hosts finish, signal `release`, and
+        all of them when it ends): never more than max_parallel hosts at once, as with the
+        embedded engine's thread pool."""
         hosts: list[str] = st["hosts"]
-        size = max(1, int(self.plan["batch_size"]))
-        chunks = [hosts[i:i + size] for i in range(0, len(hosts), size)]
         par = max(1, int(st["max_parallel"]))
-        started = []
+        size = batch_width(len(hosts), par, int(self.plan["batch_size"]))
+        chunks = [hosts[i:i + size] for i in range(0, len(hosts), size)]
+        self.free = par
+        outs: list[list[dict]] = [[] for _ in chunks]
+        waits: list[asyncio.Task] = []
         for k, chunk in enumerate(chunks):
-            share = max(1, par // len(chunks) + (1 if k < par % len(chunks) else 0))
+            share = len(chunk)
+
+            def fits(need: int = share) -> bool:
+                return self.free >= need
+            await workflow.wait_condition(fits)
+            self.free -= share
             bid = f"{self.plan['id']}.stage-{idx}.batch-{k}"
             p = self.plan
             inp = {"rollout": p["id"], "playbook": p["playbook"],
@@ -395,20 +453,27 @@ class RolloutWorkflow:
                    "sites": {h: p["sites"][h] for h in chunk},
                    "timeouts": {h: p["timeouts"][h] for h in chunk},
                    "worker_wait_s": p["worker_wait_s"], "heartbeat_s": p["heartbeat_s"],
-                   "attempts": p["attempts"], "aborted": self.status == "aborted"}
+                   "attempts": p["attempts"], "aborted": self.status == "aborted",
+                   "release": True}
             handle = await workflow.start_child_workflow(
                 BATCH_WORKFLOW, inp, id=bid, task_queue=WORKFLOW_QUEUE)
-            b = {"id": bid, "stage_idx": idx, "hosts": chunk, "done": False}
+            b = {"id": bid, "stage_idx": idx, "hosts": chunk, "done": False,
+                 "share": share, "released": 0}
             self.batches.append(b)
             if self.status == "aborted" and not inp["aborted"]:
                 await self._abort_batch(bid, self.reason or "aborted")
-            started.append((b, handle))
-        results: list[dict] = []
-        for b, handle in started:
-            out = await handle
-            b["done"] = True
-            results += out["results"]
-        return results
+            waits.append(asyncio.get_running_loop().create_task(
+                self._batch_done(b, handle, outs[k])))
+        await asyncio.gather(*waits)
+        return [r for out in outs for r in out]
+
+    async def _batch_done(self, b: dict[str, Any], handle: Any, out: list[dict]) -> None:
+        """Wait for one batch; its results into `out`, its remaining slots freed."""
+        res = await handle
+        b["done"] = True
+        self.free += b["share"] - b["released"]
+        b["released"] = b["share"]
+        out += res["results"]
 
     async def _abort_batch(self, bid: str, reason: str) -> None:
         try:

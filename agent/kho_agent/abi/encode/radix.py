@@ -68,6 +68,7 @@ class RadixBuilder:
         self._alloc = alloc
         self.root = alloc()
         self.nodes: dict[int, bytearray] = {self.root: bytearray(g.page_size)}
+        self._last_leaf: Optional[tuple[int, bytearray]] = None   # (key >> bitmap_log2, leaf)
 
     def _new_node(self) -> int:
         phys = self._alloc()
@@ -108,18 +109,27 @@ class RadixBuilder:
             leaf[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
 
     def add_run(self, pa: int, order: int, count: int) -> None:
-        """Preserve `count` consecutive blocks of one order, a leaf at a time."""
+        """Preserve `count` consecutive blocks of one order, a leaf at a time: only the
+        bytes of the leaf the run covers are rewritten, and the last leaf is remembered
+        (a page cache's scattered short runs mostly land in the leaf of the run before)."""
         g = self.g
         size = g.page_size << order
-        bits_per_leaf = 1 << g.bitmap_log2
+        log2 = g.bitmap_log2
+        bits_per_leaf = 1 << log2
         while count > 0:
             key = encode_key(g, pa, order)
             bit = key & (bits_per_leaf - 1)
             n = min(count, bits_per_leaf - bit)
-            leaf = self._leaf_for(key, create=True)
-            assert leaf is not None
-            v = int.from_bytes(leaf, "little") | (((1 << n) - 1) << bit)
-            leaf[:] = v.to_bytes(len(leaf), "little")
+            last = self._last_leaf
+            if last is not None and last[0] == key >> log2:
+                leaf = last[1]
+            else:
+                leaf = self._leaf_for(key, create=True)
+                assert leaf is not None
+                self._last_leaf = (key >> log2, leaf)
+            lo, hi = bit >> 3, ((bit + n - 1) >> 3) + 1
+            v = int.from_bytes(leaf[lo:hi], "little") | (((1 << n) - 1) << (bit - lo * 8))
+            leaf[lo:hi] = v.to_bytes(hi - lo, "little")
             pa += n * size
             count -= n
 
