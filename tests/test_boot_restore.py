@@ -231,7 +231,8 @@ def test_kpageflags_decoder_on_this_machines_real_bytes() -> None:
     names = decode(flags)
     assert "UPTODATE" in names and "BUDDY" not in names, names     # seen: +DIRTY|ACTIVE|..
     c = check_preserved([pfn], [flags])
-    assert not c.honoured and c.lru + c.other_bad == 1 and c.buddy == 0
+    # on an LRU or not yet (seen both ways on this machine): in use either way
+    assert not c.honoured and (c.lru or c.other_bad) and c.buddy == 0 and c.no_flags == 0
     assert any(f >> KPF["BUDDY"] & 1 for f in first)
     assert all(set(decode(f)) <= set(KPF) | {f"BIT{b}" for b in range(64)} for f in first[:64])
 

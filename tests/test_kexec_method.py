@@ -187,3 +187,34 @@ def test_bad_kexec_method_is_one_line_exit_2(tmp_path: Path) -> None:
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "kho_kexec_method" in r.stderr
+
+
+# `systemd-analyze fdstore` on the sid lab guest (systemd 262.1), 2026-12-03, after a
+# `systemctl kexec`: journald's sockets, udevd's inotify fd, and the probe's memfd as LUO
+# restored it -- named "/ (deleted)", not "/memfd:probe (deleted)" any more.
+SID_JOURNALD = """FDNAME TYPE DEVNO INODE RDEVNO PATH          FLAGS
+stored sock 0:9    3382 -      socket:[3382] rw
+stored sock 0:9    3205 -      socket:[3205] rw
+"""
+SID_UDEVD = """FDNAME  TYPE DEVNO INODE RDEVNO PATH               FLAGS
+inotify -    0:15     50 -      anon_inode:inotify ro
+"""
+SID_PROBE_RESTORED = """FDNAME TYPE DEVNO INODE RDEVNO PATH        FLAGS
+probe  reg  0:1      10 -      / (deleted) rw
+"""
+
+
+def test_a_memfd_restored_by_luo_still_counts_as_preservable() -> None:
+    """The sid lab's direct-method refusal missed the probe's store after one systemctl
+    kexec (the restored memfd has no /memfd: name): a direct kexec then lost it."""
+    from kho_agent.systemdhost import count_memfds
+    assert count_memfds(SID_JOURNALD) == (0, ["stored", "stored"])
+    assert count_memfds(SID_UDEVD) == (0, ["inotify"])
+    n, names = count_memfds(SID_PROBE_RESTORED)
+    assert (n, names) == (1, ["probe"])
+    probe = FdStoreUnit("kho-probe.service", 1, "yes", 8, names, memfds=n)
+    journald = FdStoreUnit("systemd-journald.service", 2, "yes", 4224, ["stored"] * 2,
+                           memfds=count_memfds(SID_JOURNALD)[0])
+    d = choose_method("direct", InitSystem("systemd", 262), [journald, probe], False)
+    assert not d.ok and "kho-probe.service (1 fd)" in str(d.refused)
+    assert "journald" not in str(d.refused)

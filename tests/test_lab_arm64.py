@@ -14,6 +14,7 @@ are not prebuilt: they are found in ../shared/lab/arm64/ or in the lab's kernel 
 `kho-fleet lab build-kernel --arch arm64 --source linux-source-7.2 --build-dir B
 --localversion=-lab-b --keep-default` (then the same with `--localversion=-abi-kho-v3
 --kho-compatible kho-v3`) records them; see docs/lab.md for how long that takes.
+KHO_LAB_KERNELS names another store (docs/lab.md: the run with stand-in images).
 
 - a) the mixed rollout: the x86 guest 7.2.13 -> 7.2.13-lab-b, the arm64 guest 7.2.13 ->
   the arm64 7.2.13-lab-b (a real release change; into 7.2.13 itself, said on stdout, while

@@ -380,7 +380,8 @@ def test_site_without_worker_fails_clearly(tmp_path: Path, env: Env) -> None:
                                        "all_workloads_verified": False}}])
     env.worker("east")
     env.worker("spare")                                    # a site with no hosts
-    client, err = env.start_rollout(pb, inv, "--worker-wait", "6", "--json")
+    # 20 s: long enough for a `status` subprocess on a loaded machine to see the wait
+    client, err = env.start_rollout(pb, inv, "--worker-wait", "20", "--json")
 
     def waiting() -> Optional[str]:
         p = env.kho("status", "--json")
@@ -395,7 +396,7 @@ def test_site_without_worker_fails_clearly(tmp_path: Path, env: Env) -> None:
     assert fleet["rollout"]["status"] == "completed"
     (f,) = fleet["failures"]
     assert f["host"] == "lost" and f["phase"] == "preflight"
-    assert "no worker of site mars" in f["reason"] and "6s" in f["reason"]
+    assert "no worker of site mars" in f["reason"] and "20s" in f["reason"]
     assert twin(tmp_path / "sim", "h1")["boot_count"] == 2
     assert twin(tmp_path / "sim", "lost") == {}           # never touched
 

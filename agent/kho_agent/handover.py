@@ -28,6 +28,7 @@ PRESERVE_FILE = "preserve.json"
 SNAPSHOT_FILE = "snapshot.json"
 VERIFY_FILE = "verify.json"
 FDSTORES_FILE = "fdstores.json"     # the kexec method and the FD stores before the kexec
+COLLECT_WAIT_S = 1800.0             # verify --collect waits this long for a pending boot unit
 
 
 class AgentError(KhoAgentError):
@@ -265,9 +266,20 @@ class Agent:
         still running); NothingToCollect (exit 3) when none ran."""
         import fcntl
         agent_start = agent_start or time.time()
-        with open(self._path("verify.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)     # the boot unit's verify, if it still runs
-            return self._verify_locked(agent_start, release_before_verify, at_boot, collect)
+        deadline = time.monotonic() + COLLECT_WAIT_S
+        while True:
+            try:
+                with open(self._path("verify.lock"), "a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)   # the boot unit's verify, if it runs
+                    return self._verify_locked(agent_start, release_before_verify, at_boot,
+                                               collect)
+            except NothingToCollect:
+                # the boot unit may not have started yet (sshd can come up first): wait
+                # while PID 1 still has it queued or starting
+                if (time.monotonic() > deadline
+                        or not self.kernel.unit_pending(bootrestore.VERIFIED_BY_UNIT)):
+                    raise
+            time.sleep(0.2)
 
     def _verify_locked(self, agent_start: float, release_before_verify: bool, at_boot: bool,
                        collect: bool) -> dict:

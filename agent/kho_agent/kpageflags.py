@@ -83,6 +83,7 @@ class PreservedPagesCheck:
     buddy: int = 0
     lru: int = 0
     other_bad: int = 0         # any other flag of a page in use (page cache, slab, NOPAGE..)
+    #                            (buddy, lru and other_bad count flags: a page may be in two)
     honoured: bool = False
     examples: list[str] = field(default_factory=list)   # "pfn 0x..: FLAGS" of bad pages
 

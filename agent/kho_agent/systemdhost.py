@@ -187,17 +187,37 @@ def fdstore_counts(units: Sequence[FdStoreUnit]) -> dict[str, int]:
             for u in units if u.preservable}
 
 
+def _luo_preservable(row: Sequence[str]) -> bool:
+    """A `systemd-analyze fdstore` row LUO carries at `systemctl kexec`: a memfd, or a LUO
+    session fd (a `luo_session` entry). A memfd named at creation shows `/memfd:NAME
+    (deleted)`, but one LUO restored in an earlier kexec shows `/ (deleted)` (sid lab,
+    2026-12-03: memfd-v2 does not carry the name): so every regular file on an internal
+    (major 0, e.g. shmem) mount counts too -- when unsure, count: a store wrongly counted
+    only refuses `direct`, one wrongly left out is lost."""
+    words = list(row)
+    if any(w.startswith("/memfd:") or "[luo_session]" in w for w in words):
+        return True
+    return len(words) >= 3 and words[1] == "reg" and words[2].startswith("0:")
+
+
 def count_memfds(analyze: str) -> tuple[int, list[str]]:
-    """(memfds, names of all rows) in `systemd-analyze fdstore UNIT` output.
+    """(fds LUO preserves -- memfds and LUO session fds --, names of all rows) in
+    `systemd-analyze fdstore UNIT` output.
 
     >>> count_memfds("FDNAME TYPE DEVNO INODE RDEVNO PATH FLAGS\\n"
     ...              "stored sock 0:9 3157 - socket:[3157] rw\\n"
     ...              "probe reg 0:1 5 - /memfd:probe (deleted) rw\\n")
     (1, ['stored', 'probe'])
+    >>> count_memfds("FDNAME TYPE DEVNO INODE RDEVNO PATH        FLAGS\\n"
+    ...              "probe  reg  0:1      10 -      / (deleted) rw\\n")   # restored by LUO
+    (1, ['probe'])
+    >>> count_memfds("FDNAME TYPE DEVNO INODE RDEVNO PATH FLAGS\\n"
+    ...              "inotify a_inode 0:16 1061 - anon_inode:inotify r\\n"
+    ...              "luo-x a_inode 0:16 7 - anon_inode:[luo_session] rw\\n")
+    (1, ['inotify', 'luo-x'])
     """
     rows = [ln.split() for ln in analyze.splitlines()[1:] if ln.split()]
-    return (sum(1 for r in rows if any(w.startswith("/memfd:") for w in r)),
-            [r[0] for r in rows])
+    return sum(1 for r in rows if _luo_preservable(r)), [r[0] for r in rows]
 
 
 def choose_method(requested: str, init: InitSystem, units: Sequence[FdStoreUnit],
@@ -327,6 +347,17 @@ def holder_dropin_text(argv: Sequence[str], env: dict[str, str]) -> str:
 def _systemctl(args: Sequence[str]) -> Optional[str]:
     """stdout of `systemctl ARGS`, None when systemctl is missing or fails."""
     return _run(["systemctl", *args])
+
+
+def run_quiet(argv: Sequence[str]) -> Optional[str]:
+    """stdout of `argv` whatever its exit status (`systemctl is-active` exits 3 for
+    inactive), None when it cannot run."""
+    try:
+        res = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, timeout=_SYSTEMCTL_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout
 
 
 def _run(argv: Sequence[str]) -> Optional[str]:

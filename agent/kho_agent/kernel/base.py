@@ -259,6 +259,10 @@ class Kernel(ABC):
         raise KernelError(f"starting {unit} through PID 1: not supported by this kernel "
                           "backend")
 
+    def unit_pending(self, unit: str) -> bool:
+        """`unit` is queued to start or starting (a boot unit that has not finished yet)."""
+        return False
+
     def notify_ready(self) -> None:
         """sd_notify READY=1 when this process runs as a Type=notify unit (else nothing)."""
         return None

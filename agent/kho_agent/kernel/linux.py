@@ -671,6 +671,12 @@ class LinuxKernel(Kernel):
         except OSError as e:
             raise KernelError(str(e)) from None
 
+    def unit_pending(self, unit: str) -> bool:
+        """`systemctl is-active` says activating, or a job for it is queued."""
+        state = (systemdhost.run_quiet(["systemctl", "is-active", "--", unit]) or "").strip()
+        jobs = systemdhost.run_quiet(["systemctl", "list-jobs", "--no-legend", "--", unit])
+        return state == "activating" or bool((jobs or "").strip())
+
     def notify_ready(self) -> None:
         try:
             systemdhost.sd_notify("READY=1")

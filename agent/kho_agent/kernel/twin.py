@@ -402,6 +402,11 @@ class TwinKernel(Kernel):
         from ..systemdhost import listen_fds
         return listen_fds(dict(os.environ), os.getpid())
 
+    def unit_pending(self, unit: str) -> bool:
+        """The twin's PID 1 has `unit` queued (an at_boot unit) or running."""
+        st, _ = self._systemd("systemd_status")
+        return unit in [str(u) for u in st.get("pending", [])]
+
     def fdstore_remove(self, unit: str, name: str) -> None:
         self._systemd("fdstore_remove", unit=unit, name=name)
 

@@ -206,6 +206,7 @@ def _run(step: str, argv: list[str], cwd: Path, log: Path, note: Note, timeout: 
         assert proc.stdout is not None
         for line in proc.stdout:
             lf.write(line)
+            lf.flush()          # `tail -f` of the log follows a build of an hour
             if line.strip():
                 last = line.strip()
                 note(f"{step}: {last[:100]}")

@@ -11,7 +11,9 @@ Page faults may name their place the way the report names workloads:
 flipped is in the byte at OFFSET), `zero-page@...`, `drop-folio@...`, `stale-page@...`
 (the page containing OFFSET), `swap-pages@SESSION/TOKEN:OFFSET,OFFSET` (the two pages'
 bytes trade places). Without a place the twin picks a preserved page at random (seeded),
-as the bare names always did.
+as the bare names always did. Several faults may be given at once (the inventory's
+kho_sim_faults list, repeated --fault options); each placed fault is checked against the
+workloads before anything starts (check_placements).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ TWIN_FAULTS: tuple[str, ...] = (
     "zero-page",                 # a preserved page comes back all zeros
     "swap-pages",                # two preserved pages of one memfd trade their bytes
     "drop-folio",                # a preserved folio drops out of the tree (as lost-page)
-    "stale-page",                # a page comes back as an old copy: before its data was
-                                 # written (a fresh page of the file: zeros)
+    "stale-page",                # a page comes back as an old copy: as PRESERVE_FD copied
+                                 # it when written since, else a stand-in older version
+                                 # (twinserver.stale_copy): never zeros, never the bytes now
 )
 
 # Injected by the controller through what it stages (no twin involvement).

@@ -122,6 +122,7 @@ class TwinSystemd:
         self.srv = server
         self.units: dict[str, Unit] = {}
         self.via_systemd = False
+        self.queued: set[str] = set()       # at_boot units not started yet
 
     # --- what PID 1 is --------------------------------------------------------------------
     def init(self) -> tuple[str, Optional[int], str]:
@@ -150,7 +151,9 @@ class TwinSystemd:
         if op == "systemd_status":
             name, ver, detail = self.init()
             return {"ok": True, "name": name, "version": ver, "detail": detail,
-                    "units": [u.to_json() for _, u in sorted(self.units.items())]}, []
+                    "units": [u.to_json() for _, u in sorted(self.units.items())],
+                    "pending": sorted(self.queued | {n for n, u in self.units.items()
+                                                     if u.main_pid is not None})}, []
         if op not in ("fdstore_add", "fdstore_take", "fdstore_remove", "start_unit",
                       "systemd_kexec"):
             return None
@@ -241,16 +244,21 @@ class TwinSystemd:
                   + (f", {len(fds)} fds from its store" if fds else "") + ").")
         return u.main.pid
 
-    def _start_boot_units(self) -> None:
-        """The units twin-init.json's `at_boot` names (kho-agent-verify.service)."""
-        if self.srv.state != "up":
-            return
+    def _at_boot(self) -> dict[str, Any]:
+        """twin-init.json's `at_boot` units ({} when none)."""
         try:
             with open(os.path.join(self.srv.root, INIT_FILE)) as f:
                 at_boot = json.load(f).get("at_boot") or {}
         except (OSError, ValueError, AttributeError):
+            return {}
+        return at_boot if isinstance(at_boot, dict) else {}
+
+    def _start_boot_units(self) -> None:
+        """The units twin-init.json's `at_boot` names (kho-agent-verify.service)."""
+        self.queued = set()
+        if self.srv.state != "up":
             return
-        for name, body in sorted(at_boot.items()):
+        for name, body in sorted(self._at_boot().items()):
             u = self.units.setdefault(name, Unit(name, "no", 0))
             try:
                 self._spawn(u, list(body["argv"]), dict(body.get("env") or {}))
@@ -387,6 +395,7 @@ class TwinSystemd:
         if h is None or self.init()[0] != "systemd":
             return
         if h.kexec_count:
+            self.queued = set(self._at_boot())
             self.srv._after(0.0, self._start_boot_units)    # once the host is up
         if not h.liveupdate:
             return

@@ -32,6 +32,7 @@ from ..hoststeps import step_timeout
 from ..inventory import load_inventory
 from ..playbook import load_playbook
 from ..rollout import DEFAULT_SIM_DIR, RolloutError, RolloutFinished, RolloutOptions
+from .codec import data_converter
 from .state import WORKFLOW_QUEUE, Snapshot, new_host
 from .workflow import ROLLOUT_WORKFLOW
 
@@ -63,7 +64,7 @@ class TemporalTarget:
             tls = tls_config(os.environ)
             try:
                 self._client = await Client.connect(self.address, namespace=self.namespace,
-                                                    tls=tls,
+                                                    tls=tls, data_converter=data_converter(),
                                                     connect_timeout=timedelta(seconds=15))
             except Exception as e:  # any failure to connect is one line
                 why = _one_line(e)

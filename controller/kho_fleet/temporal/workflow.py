@@ -332,6 +332,7 @@ class RolloutWorkflow:
         self.batches: list[dict[str, Any]] = []
         self.proceed_now = False
         self.free = 0                   # slots of the running stage's max_parallel not taken
+        self._early: dict[str, int] = {}  # releases of batches not yet seen started
 
     # --- signals and queries -------------------------------------------------------------
     @workflow.signal
@@ -351,12 +352,19 @@ class RolloutWorkflow:
     @workflow.signal
     def release(self, msg: dict[str, Any]) -> None:
         """A batch's slots that none of its hosts will take again (HostBatchWorkflow)."""
+        bid, free = str(msg.get("batch")), int(msg.get("free") or 0)
         for b in self.batches:
-            if b["id"] == msg.get("batch") and not b["done"]:
-                more = min(int(msg.get("free") or 0), b["share"]) - b["released"]
-                if more > 0:
-                    b["released"] += more
-                    self.free += more
+            if b["id"] == bid:
+                self._released(b, free)
+                return
+        # (a signal can be handled before the start of its batch is: kept until it is)
+        self._early[bid] = max(free, self._early.get(bid, 0))
+
+    def _released(self, b: dict[str, Any], free: int) -> None:
+        more = min(free, b["share"]) - b["released"]
+        if more > 0 and not b["done"]:
+            b["released"] += more
+            self.free += more
 
     @workflow.query(name="status")
     def get_status(self) -> dict[str, Any]:
@@ -460,6 +468,7 @@ class RolloutWorkflow:
             b = {"id": bid, "stage_idx": idx, "hosts": chunk, "done": False,
                  "share": share, "released": 0}
             self.batches.append(b)
+            self._released(b, self._early.pop(bid, 0))
             if self.status == "aborted" and not inp["aborted"]:
                 await self._abort_batch(bid, self.reason or "aborted")
             waits.append(asyncio.get_running_loop().create_task(

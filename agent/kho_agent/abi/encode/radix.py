@@ -124,8 +124,9 @@ class RadixBuilder:
             if last is not None and last[0] == key >> log2:
                 leaf = last[1]
             else:
-                leaf = self._leaf_for(key, create=True)
-                assert leaf is not None
+                found = self._leaf_for(key, create=True)
+                assert found is not None
+                leaf = found
                 self._last_leaf = (key >> log2, leaf)
             lo, hi = bit >> 3, ((bit + n - 1) >> 3) + 1
             v = int.from_bytes(leaf[lo:hi], "little") | (((1 << n) - 1) << (bit - lo * 8))
