@@ -19,11 +19,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-# Two pytest-xdist workers (tests/conftest.py groups the files; the lab guests run on one
-# worker while the rest runs on the other). TEST_WORKERS=0 runs in one process.
+# Two pytest-xdist workers, each file on one worker (tests/conftest.py puts the lab files
+# first). TEST_WORKERS=0 runs in one process. The base temp dir is short and this run's own:
+# the twins' AF_UNIX sockets live under test dirs, and a path has at most 107 bytes.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	@d=$$(mktemp -d /tmp/kt.XXXXXX); \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 --basetemp=$$d; \
+	rc=$$?; rm -rf $$d; exit $$rc
 
 demo: $(STAMP)
 	$(PY) -m kho_fleet.demo

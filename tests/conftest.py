@@ -9,10 +9,12 @@ stay in their support modules (sshd.py, twinsupport.py, test_rollout.py) and are
 - `twin_root`, `twin`: one digital-twin host (kho_fleet.sim) started under /tmp.
 - `ssh_lab`: real OpenSSH sshd servers on loopback (sshd.py), one set per test module.
 
-`make test` runs the suite on two pytest-xdist workers with `--dist loadgroup`; the hook at the
-end keeps every file on one worker (module fixtures such as `ssh_lab`, the Temporal dev server
-and the lab guests are set up once) and puts all the lab files in one group collected first, so
-one worker runs the QEMU guests (one vCPU each, under TCG) while the other runs the rest.
+`make test` runs the suite on two pytest-xdist workers with `--dist loadfile`: every file stays
+on one worker (module fixtures such as `ssh_lab`, the Temporal dev server and the lab guests are
+set up once, and the lab files' steps run in order), and the hook at the end collects the lab
+files first, the longest ones. (`--dist loadgroup` with one group for all lab files would be
+better, but pytest-xdist 3.8 does not apply the groups under pytest 9: its nodeid suffix no
+longer takes.)
 """
 
 from __future__ import annotations
@@ -86,10 +88,6 @@ def ssh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHLab]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group the tests for `--dist loadgroup`: one group per file, all `lab` files in one
-    group; the lab group first, so its long serial run starts at once. Without xdist the
-    groups are inert markers and the order is pytest's own, with the lab files moved first."""
-    for item in items:
-        lab = item.get_closest_marker("lab") is not None
-        item.add_marker(pytest.mark.xdist_group("lab" if lab else item.nodeid.split("::")[0]))
-    items.sort(key=lambda it: it.get_closest_marker("lab") is None)  # stable: lab first
+    """The lab files first (stable: pytest's order otherwise), so the longest files start at
+    once under `--dist loadfile`."""
+    items.sort(key=lambda it: it.get_closest_marker("lab") is None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -162,7 +163,9 @@ def step_times(rep: dict) -> dict[str, float]:
     out = {}
     for e in rep["controller"]["events"]:
         if e["event"].startswith("agent ") and " in " in (e["detail"] or ""):
-            out[e["event"][6:]] = float(e["detail"].rsplit(" in ", 1)[1].split("s")[0])
+            m = re.match(r"rc -?\d+ in ([0-9.]+)s", e["detail"])
+            if m:
+                out[e["event"][6:]] = float(m.group(1))
     return out
 
 

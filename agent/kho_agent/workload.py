@@ -500,13 +500,18 @@ def create_pattern_memfd(name: str, m: MemfdSpec, page_size: int) -> Optional[in
                 while len(rest):
                     rest = rest[os.pwrite(fd, rest, off + want - len(rest)):]
             off += want
-        os.lseek(fd, m.position, os.SEEK_SET)
-        if m.seals:
-            fcntl.fcntl(fd, getattr(fcntl, "F_ADD_SEALS", 1033), m.seals)
-        return fd
+        return _position_and_seal(fd, m)
     except BaseException:
         os.close(fd)
         raise
+
+
+def _position_and_seal(fd: int, m: MemfdSpec) -> int:
+    """The last steps of making a workload memfd: its file position, then its seals."""
+    os.lseek(fd, m.position, os.SEEK_SET)
+    if m.seals:
+        fcntl.fcntl(fd, getattr(fcntl, "F_ADD_SEALS", 1033), m.seals)
+    return fd
 
 
 def create_memfd(name: str, m: MemfdSpec, data: bytes) -> int:
@@ -534,10 +539,7 @@ def create_memfd(name: str, m: MemfdSpec, data: bytes) -> int:
                 off = a
                 while off < b:
                     off += os.pwrite(fd, view[off:min(b, off + (8 << 20))], off)
-        os.lseek(fd, m.position, os.SEEK_SET)
-        if m.seals:
-            fcntl.fcntl(fd, getattr(fcntl, "F_ADD_SEALS", 1033), m.seals)
-        return fd
+        return _position_and_seal(fd, m)
     except BaseException:
         os.close(fd)
         raise
