@@ -3,13 +3,15 @@
 verify unit, next to a probe service of this test's own that keeps an 8 MiB memfd in its
 FD store with FileDescriptorStorePreserve=yes.
 
-Tests run in file order on one guest (`kho-fleet lab up 1 --suite sid`):
-  a) a rollout with kexec_method: systemd: the agent's workloads verified (bytes and
-     PFNs) by kho-agent-verify.service at boot and collected by the controller, the
-     probe's memfd back with identical bytes, the blackout measured from the boot unit,
-     a kexec (kexec count +1), not a cold boot;
-  b) kexec_method: direct: preflight refuses, naming kho-probe.service; with
-     allow_fdstore_loss: true the rollout proceeds and the report names the lost store.
+Tests run in file order on two guests (`kho-fleet lab up 2 --suite sid`), each with the
+probe:
+  a) one rollout with kexec_method: systemd over both: on each, the agent's workloads
+     verified (bytes and PFNs) by kho-agent-verify.service at boot and collected by the
+     controller, the probe's memfd back with identical bytes, the blackout measured from
+     the boot unit, a kexec (kexec count +1), not a cold boot;
+  b) kexec_method: direct on one guest (lab-1): preflight refuses, naming
+     kho-probe.service; with allow_fdstore_loss: true the rollout proceeds and the report
+     names the lost store.
 
 Skips with the reason when the lab kernels, QEMU or a cached sid rootfs are absent
 (`kho-fleet lab build-rootfs --suite sid --cache DIR`; KHO_LAB_SID_CACHE names DIR,
@@ -37,7 +39,8 @@ from kho_fleet.rollout import Rollout, RolloutOptions
 pytestmark = pytest.mark.lab
 
 CACHE = Path(os.environ.get("KHO_LAB_SID_CACHE", LAB_CACHE))
-HOST = "lab-1"
+HOSTS = ("lab-1", "lab-2")
+HOST = HOSTS[0]                              # test b's guest
 PROBE = "kho-probe.service"
 PYZ = "/var/lib/kho-agent/kho-agent.pyz"     # where deploy/systemd's units run the agent
 WORKLOADS = {"sessions": [
@@ -126,18 +129,19 @@ class Lab:
     fleet: LabFleet
     seen: dict[str, Any] = field(default_factory=dict)
 
-    def ssh(self, cmd: str, timeout: float = 120.0, stdin: Optional[bytes] = None) -> str:
-        g = self.fleet.guest(self.fleet.record(HOST))
+    def ssh(self, cmd: str, timeout: float = 120.0, stdin: Optional[bytes] = None,
+            host: str = HOST) -> str:
+        g = self.fleet.guest(self.fleet.record(host))
         try:
             return g.run(cmd, timeout=timeout, check=True, stdin=stdin)[1]
         finally:
             g.stop()
 
-    def probe(self) -> dict:
-        return json.loads(self.ssh("cat /run/kho-probe.json"))
+    def probe(self, host: str = HOST) -> dict:
+        return json.loads(self.ssh("cat /run/kho-probe.json", host=host))
 
-    def boot_id(self) -> str:
-        return self.ssh("cat /proc/sys/kernel/random/boot_id").strip()
+    def boot_id(self, host: str = HOST) -> str:
+        return self.ssh("cat /proc/sys/kernel/random/boot_id", host=host).strip()
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +157,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     FIGURES["loadavg_1m"] = {"start": os.getloadavg()[0]}
     guests, inv = work / "guests", work / "lab.yaml"
     t0 = time.monotonic()
-    proc = kho_fleet_cli("lab", "up", "1", "--suite", "sid", "--kernel", KERNEL_A,
+    proc = kho_fleet_cli("lab", "up", str(len(HOSTS)), "--suite", "sid", "--kernel", KERNEL_A,
                          "--extra-kernel", KERNEL_B, "--workdir", guests, "--inventory", inv,
                          "--cache", CACHE, "--boot-timeout", "600", "--json", timeout=900)
     try:
@@ -163,10 +167,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         # (2026-12-03): the inventory's boot timeout (lab up writes 180 s) wins over the
         # playbook's, so raise it here
         doc = yaml.safe_load(inv.read_text())
-        doc["all"]["hosts"][HOST]["kho_boot_timeout"] = BOOT_TIMEOUT_S
+        for host in HOSTS:
+            doc["all"]["hosts"][host]["kho_boot_timeout"] = BOOT_TIMEOUT_S
         inv.write_text(yaml.safe_dump(doc, sort_keys=False))
         lab = Lab(work, inv, LabFleet(guests))
-        _install(lab)
+        for host in HOSTS:
+            _install(lab, host)
         yield lab
     finally:
         FIGURES["loadavg_1m"]["end"] = os.getloadavg()[0]
@@ -174,24 +180,24 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         print(f"\nlab down: rc {down.returncode}; figures: {json.dumps(FIGURES)}")
 
 
-def _install(lab: Lab) -> None:
+def _install(lab: Lab, host: str) -> None:
     """The probe service, deploy/systemd's units and the agent where they run it."""
     from kho_fleet.agentbuild import build_agent
     pyz, _ = build_agent(str(lab.work / "kho-agent.pyz"))
-    lab.ssh("mkdir -p /var/lib/kho-agent/state")
-    lab.ssh(f"cat > {PYZ}", stdin=Path(pyz).read_bytes())
-    lab.ssh("cat > /root/kho-probe.py", stdin=PROBE_PY.encode())
-    lab.ssh(f"cat > /etc/systemd/system/{PROBE}", stdin=PROBE_UNIT.encode())
+    lab.ssh("mkdir -p /var/lib/kho-agent/state", host=host)
+    lab.ssh(f"cat > {PYZ}", stdin=Path(pyz).read_bytes(), host=host)
+    lab.ssh("cat > /root/kho-probe.py", stdin=PROBE_PY.encode(), host=host)
+    lab.ssh(f"cat > /etc/systemd/system/{PROBE}", stdin=PROBE_UNIT.encode(), host=host)
     for unit in sorted((REPO / "deploy/systemd").iterdir()):
-        lab.ssh(f"cat > /etc/systemd/system/{unit.name}", stdin=unit.read_bytes())
+        lab.ssh(f"cat > /etc/systemd/system/{unit.name}", stdin=unit.read_bytes(), host=host)
     lab.ssh(f"systemctl daemon-reload && systemctl enable {PROBE} kho-workloads.target "
-            f"kho-agent-verify.service && systemctl start {PROBE}")
-    p = lab.probe()
+            f"kho-agent-verify.service && systemctl start {PROBE}", host=host)
+    p = lab.probe(host)
     assert p["mode"] == "new" and p["sha256"] == p["want"], p
 
 
-def _playbook(lab: Lab, name: str, **extra: Any) -> Path:
-    doc = {"name": f"lab systemd {name}", "hosts": "all",
+def _playbook(lab: Lab, name: str, hosts: str, **extra: Any) -> Path:
+    doc = {"name": f"lab systemd {name}", "hosts": hosts,
            "target": {"kernel": str(KERNEL_B), "cmdline": "reuse",
                       "sha256": hashlib.sha256(KERNEL_B.read_bytes()).hexdigest()},
            "workloads": WORKLOADS,
@@ -204,45 +210,53 @@ def _playbook(lab: Lab, name: str, **extra: Any) -> Path:
     return p
 
 
-def _rollout(lab: Lab, name: str, **extra: Any) -> tuple[Rollout, dict, Optional[dict]]:
+def _rollout(lab: Lab, name: str, hosts: tuple[str, ...] = (HOST,),
+             **extra: Any) -> tuple[Rollout, dict, dict[str, Optional[dict]]]:
+    """One rollout over `hosts`; the fleet report and each host's agent report (None:
+    the host wrote none)."""
     opts = RolloutOptions(rollouts_dir=str(lab.work / "rollouts"),
                           reports_dir=str(lab.work / "reports"), sim_dir=str(lab.work / "sim"))
     t0 = time.monotonic()
-    ro = Rollout.start(str(_playbook(lab, name, **extra)), str(lab.inventory), opts)
+    ro = Rollout.start(str(_playbook(lab, name, ",".join(hosts), **extra)),
+                       str(lab.inventory), opts)
     fleet = ro.run()
     FIGURES.setdefault("rollout_s", {})[name] = round(time.monotonic() - t0, 1)
-    path = lab.work / "reports" / ro.id / "hosts" / f"{HOST}.json"
-    rep = json.loads(path.read_text())["agent"] if path.exists() else None
-    return ro, fleet, rep
+    reps: dict[str, Optional[dict]] = {}
+    for host in hosts:
+        path = lab.work / "reports" / ro.id / "hosts" / f"{host}.json"
+        reps[host] = json.loads(path.read_text())["agent"] if path.exists() else None
+    return ro, fleet, reps
 
 
 def test_a_systemd_method_restores_at_boot_and_keeps_the_probe(lab: Lab) -> None:
-    boot0 = lab.boot_id()
-    ro, fleet, rep = _rollout(lab, "a", kexec_method="systemd")
+    boots0 = {h: lab.boot_id(h) for h in HOSTS}
+    ro, fleet, reps = _rollout(lab, "a", HOSTS, kexec_method="systemd")
     assert fleet["rollout"]["status"] == "completed", fleet
-    assert rep is not None and rep["result"] == "success", rep and rep["failure"]
-    assert rep["kexec_method"] == "systemd"
-    for w in rep["workloads"]:
-        assert w["verified"] and w["pfns_identical"], w
-    # a kexec into 7.2.13-lab-b, not a cold boot
-    assert rep["kernel"]["to"]["release"] == "7.2.13-lab-b"
-    assert (rep["kexec_metadata"] or {}).get("kexec_count", 0) >= 1
-    assert lab.boot_id() != boot0
-    # the probe's memfd came back through PID 1's FD store, byte for byte
-    p = lab.probe()
-    assert p["mode"] == "back" and p["sha256"] == p["want"], p
-    assert {"unit": PROBE, "before": 1, "after": 1, "lost": 0} in rep["fdstores"]
-    # verified by the boot unit, collected by the controller; blackout from the unit
-    events = [e.event for e in ro.db.events(HOST)]
-    assert "verify collected" in events, events
-    boot = rep["boot"]
-    assert boot["verified_by"] == "kho-agent-verify.service", boot
-    dt = rep["downtime"]
-    assert dt["blackout_s"] == dt["restored_s"] and dt["blackout_s"] > 0
-    FIGURES["a"] = {"downtime": dt, "tree": boot["tree"],
-                    "kpageflags": boot["kpageflags"].get("workloads"),
-                    "established": boot["established"],
-                    "not_established": boot["not_established"]}
+    for host in HOSTS:
+        rep = reps[host]
+        assert rep is not None and rep["result"] == "success", (host, rep and rep["failure"])
+        assert rep["kexec_method"] == "systemd"
+        for w in rep["workloads"]:
+            assert w["verified"] and w["pfns_identical"], (host, w)
+        # a kexec into 7.2.13-lab-b, not a cold boot
+        assert rep["kernel"]["to"]["release"] == "7.2.13-lab-b"
+        assert (rep["kexec_metadata"] or {}).get("kexec_count", 0) >= 1
+        assert lab.boot_id(host) != boots0[host]
+        # the probe's memfd came back through PID 1's FD store, byte for byte
+        p = lab.probe(host)
+        assert p["mode"] == "back" and p["sha256"] == p["want"], (host, p)
+        assert {"unit": PROBE, "before": 1, "after": 1, "lost": 0} in rep["fdstores"]
+        # verified by the boot unit, collected by the controller; blackout from the unit
+        events = [e.event for e in ro.db.events(host)]
+        assert "verify collected" in events, (host, events)
+        boot = rep["boot"]
+        assert boot["verified_by"] == "kho-agent-verify.service", (host, boot)
+        dt = rep["downtime"]
+        assert dt["blackout_s"] == dt["restored_s"] and dt["blackout_s"] > 0
+        FIGURES.setdefault("a", {})[host] = {
+            "downtime": dt, "tree": boot["tree"],
+            "kpageflags": boot["kpageflags"].get("workloads"),
+            "established": boot["established"], "not_established": boot["not_established"]}
     print(f"\na: {json.dumps(FIGURES['a'])}")
     lab.seen["a"] = True
 
@@ -251,13 +265,14 @@ def test_b_direct_refused_then_allowed_with_fdstore_loss(lab: Lab) -> None:
     if "a" not in lab.seen:
         pytest.skip("needs test a")
     boot0 = lab.boot_id()
-    _, fleet, rep = _rollout(lab, "b-refused", kexec_method="direct")
+    _, fleet, _ = _rollout(lab, "b-refused", kexec_method="direct")
     assert fleet["rollout"]["status"] == "halted", fleet
     (failure,) = fleet["failures"]
     assert failure["phase"] == "preflight" and PROBE in failure["reason"], failure
     assert lab.boot_id() == boot0                    # nothing was kexec'd
-    _, fleet, rep = _rollout(lab, "b-allowed", kexec_method="direct", allow_fdstore_loss=True)
+    _, fleet, reps = _rollout(lab, "b-allowed", kexec_method="direct", allow_fdstore_loss=True)
     assert fleet["rollout"]["status"] == "completed", fleet
+    rep = reps[HOST]
     assert rep is not None and rep["result"] == "success" and rep["kexec_method"] == "direct"
     lost = [u for u in rep["fdstores"] if u["unit"] == PROBE]
     assert lost == [{"unit": PROBE, "before": 1, "after": 0, "lost": 1}], rep["fdstores"]

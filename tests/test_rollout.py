@@ -185,7 +185,8 @@ def test_controller_killed_mid_rollout_resumes_without_a_second_kexec(sim: Path)
     assert killed_in is not None, "the controller finished before it could be killed"
     rid = _one_rollout(sim).rollout().id
     p = cli(sim, "rollout", "--resume", rid, "--json")
-    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+    assert p.returncode == 0, (killed_in, json.loads(p.stdout).get("failures") if p.stdout
+                               else None, p.stderr[-2000:])
     assert json.loads(p.stdout)["rollout"]["status"] == "completed"
     for h in hosts:
         boots = twin_state(sim, h)["boot_count"]

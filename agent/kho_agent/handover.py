@@ -22,7 +22,7 @@ from .state import AgentState, load_state, read_json, save_state, write_json
 from .systemdhost import decide, fdstore_counts
 from .workload import WorkloadSpec, runs_to_pfns
 
-__all__ = ["AgentError", "Agent", "NothingToCollect"]
+__all__ = ["AgentError", "Agent", "KexecAlreadyStarted", "NothingToCollect"]
 
 PRESERVE_FILE = "preserve.json"
 SNAPSHOT_FILE = "snapshot.json"
@@ -47,6 +47,13 @@ class NothingToCollect(KhoAgentError):
     and the controller runs verify itself."""
 
     exit_code = 3
+
+
+class KexecAlreadyStarted(KhoAgentError):
+    """`kexec`: this handover's kexec already started in this boot (exit 4). A controller
+    that died mid-step and asks again is told so; nothing is sent twice."""
+
+    exit_code = 4
 
 
 class Agent:
@@ -212,6 +219,18 @@ class Agent:
         is refused unless `allow_fdstore_loss`."""
         if not yes:
             raise AgentError("kexec", "refusing to kexec without --yes")
+        claim = self._claim_kexec()       # first: a second ask touches nothing else
+        started = False
+        try:
+            res = self._kexec_claimed(kexec_method, allow_fdstore_loss)
+            started = True
+            return res
+        finally:
+            if not started:               # refused, or the kexec returned an error
+                os.unlink(claim)
+
+    def _kexec_claimed(self, kexec_method: str, allow_fdstore_loss: bool) -> dict:
+        """kexec's work once this ask holds the boot's claim."""
         # A last look at PID 1 and the other units' FD stores (systemctl: seconds on a slow
         # host). Everything still runs meanwhile, so it is not part of the kexec window the
         # agent reports (agent_kexec_s): that starts now, with the sealing.
@@ -253,6 +272,24 @@ class Agent:
         return {"handover_id": self.state.handover_id, "kexec_exec": t_exec,
                 "command": command, "kexec_method": decision.to_json(),
                 "agent_kexec_s": t_exec - t0, "journal_bytes": sealed["bytes"]}
+
+    def _claim_kexec(self) -> str:
+        """Make this handover's kexec happen at most once per boot, whoever asks: the first
+        caller creates `kexec-claim.<handover>.<boot>` (O_EXCL); any later one -- a controller
+        resuming after it died between committing kexec_requested and hearing back -- is
+        refused with KexecAlreadyStarted. The claim is dropped again only when the kexec
+        certainly did not start. Returns the claim's path."""
+        boot = self.kernel.boot_id()
+        path = self._path(f"kexec-claim.{self.state.handover_id}.{boot}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise KexecAlreadyStarted(
+                f"kexec: the kexec of handover {self.state.handover_id} already started in "
+                f"this boot ({boot}); not sent twice") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{time.time():.6f}\n")
+        return path
 
     # --- after kexec ----------------------------------------------------------------------
     def verify(self, *, agent_start: Optional[float] = None,

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Optional
 
 from . import journal
@@ -160,17 +161,21 @@ class Holder:
             self.sessions[name] = self.lu.create_session(name)
         return self.sessions[name]
 
-    def _preserve(self, session: str, token: int, fd: int, size: int, sha: str,
-                  source: str, dg: Optional[FileDigest] = None,
+    def _preserve(self, session: str, token: int, fd: int, size: int, source: str,
+                  digest: FileDigest | Future[FileDigest],
                   seed: Optional[int] = None) -> JournalWorkload:
+        """PRESERVE_FD `fd` as `token` of `session` and record it. `digest` may still be
+        computing (a created memfd's, in a thread): the kernel's preserve and the hashing
+        of the same unchanging bytes overlap, on two cores."""
         sess = self._session(session)
         sess.preserve_fd(fd, token)
         self.fds[(session, token)] = fd
+        dg = digest.result() if isinstance(digest, Future) else digest
         pfns = self.kernel.memfd_pfns(fd, size)
-        rec = JournalWorkload(session, token, size, sha, pfn_runs(pfns), source, seed=seed)
-        if dg is not None:                     # chunk digests (chunkdigest.py)
-            rec.chunks, rec.chunk_size = dg.chunks, dg.chunk_size
-            rec.page_crcs = None if dg.page_crcs is None else pack_crcs(dg.page_crcs)
+        rec = JournalWorkload(session, token, size, dg.sha256 or "", pfn_runs(pfns), source,
+                              seed=seed)
+        rec.chunks, rec.chunk_size = dg.chunks, dg.chunk_size    # chunkdigest.py
+        rec.page_crcs = None if dg.page_crcs is None else pack_crcs(dg.page_crcs)
         self.records[(session, token)] = rec
         return rec
 
@@ -192,35 +197,36 @@ class Holder:
         spec = parse_spec(req["spec"], "spec")
         ps = self.kernel.page_size()
         records: list[JournalWorkload] = []
-        for s in spec.sessions:
-            if not s.memfds:
-                self._session(s.name)     # empty: preserved with no files (journal says so)
-            for m in s.memfds:
-                key = (s.name, m.token)
-                if m.adopt or key in self.records:
-                    continue
-                if key in self.fds:
-                    fd = self.fds[key]
-                    size = os.fstat(fd).st_size
-                    dg = self._digest_fd(fd, size, adopted=True)
-                    records.append(self._preserve(s.name, m.token, fd, size, dg.sha256 or "",
-                                                  "carried", dg))
-                    records[-1].props = self._props_before(fd, None, None, size)
-                    continue
-                fd, dg = _created_memfd(f"kho-{s.name}-{m.token}", m, ps)
-                sha = dg.sha256 or ""
-                try:
-                    if m.huge is not None:
-                        self.kernel.shmem_huge_hint(fd, m.huge)
-                    # PRESERVE_FD fills holes (memfd_pin_folios): measure them before
-                    holes = read_holes(fd, m.size)[0] if m.holes else []
-                    # a memfd with holes is not the plain pattern: no seed to regenerate it
-                    records.append(self._preserve(s.name, m.token, fd, m.size, sha, "created",
-                                                  dg, None if m.holes else m.seed))
-                except BaseException:
-                    os.close(fd)
-                    raise
-                records[-1].props = self._props_before(fd, m, holes, m.size)
+        # one digest at a time beside the preserve; it hashes in threads of its own
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest") as pool:
+            for s in spec.sessions:
+                if not s.memfds:
+                    self._session(s.name)     # empty: preserved with no files (journal says so)
+                for m in s.memfds:
+                    key = (s.name, m.token)
+                    if m.adopt or key in self.records:
+                        continue
+                    if key in self.fds:
+                        fd = self.fds[key]
+                        size = os.fstat(fd).st_size
+                        dg = self._digest_fd(fd, size, adopted=True)
+                        records.append(self._preserve(s.name, m.token, fd, size, "carried", dg))
+                        records[-1].props = self._props_before(fd, None, None, size)
+                        continue
+                    fd, pending = _created_memfd(f"kho-{s.name}-{m.token}", m, ps, pool)
+                    try:
+                        if m.huge is not None:
+                            self.kernel.shmem_huge_hint(fd, m.huge)
+                        # PRESERVE_FD fills holes (memfd_pin_folios): measure them before
+                        holes = read_holes(fd, m.size)[0] if m.holes else []
+                        # a memfd with holes is not the plain pattern: no seed to regenerate it
+                        records.append(self._preserve(s.name, m.token, fd, m.size, "created",
+                                                      pending, None if m.holes else m.seed))
+                    except BaseException:
+                        wait([pending])               # its thread reads fd: let it finish first
+                        os.close(fd)
+                        raise
+                    records[-1].props = self._props_before(fd, m, holes, m.size)
         return {"workloads": [w.to_json() for w in records]}
 
     def _props_before(self, fd: int, m: Optional[MemfdSpec],
@@ -266,7 +272,7 @@ class Holder:
             dg = self._digest_fd(fd, size, adopted=True)
             holes = read_holes(fd, size)[0]      # before PRESERVE_FD fills them
             rec = self._preserve(str(req["session"]), int(req["token"]), fd, size,
-                                 dg.sha256 or "", "adopted", dg)
+                                 "adopted", dg)
         except BaseException:
             os.close(fd)
             raise
@@ -545,20 +551,18 @@ class Holder:
             self.lu.close()
 
 
-def _created_memfd(name: str, m: MemfdSpec, page_size: int) -> tuple[int, FileDigest]:
+def _created_memfd(name: str, m: MemfdSpec, page_size: int,
+                   pool: ThreadPoolExecutor) -> tuple[int, Future[FileDigest]]:
     """A new memfd of spec `m` holding its pattern, and its digests (sha256 + chunks, in
-    threads): written straight into the memfd and hashed in place where the pattern
-    allows (workload.create_pattern_memfd), else through one buffer of its bytes."""
+    threads) still being computed on `pool`: written straight into the memfd and hashed
+    in place where the pattern allows (workload.create_pattern_memfd), else through one
+    buffer of its bytes."""
     fd = create_pattern_memfd(name, m, page_size)
     if fd is not None:
-        try:
-            return fd, digest_mapped(fd, m.size, whole=True)
-        except BaseException:
-            os.close(fd)
-            raise
+        return fd, pool.submit(digest_mapped, fd, m.size, whole=True)
     data = expected_bytes(m, page_size)             # the fill pattern, zeros in holes
-    dg = digest_bytes(data, whole=True)
-    return create_memfd(name, m, data), dg
+    fd = create_memfd(name, m, data)
+    return fd, pool.submit(digest_bytes, data, whole=True)
 
 
 def raise_nofile_limit() -> None:

@@ -43,6 +43,7 @@ class HostRun:
     """What one drive of a host carries between its steps."""
 
     marker: Optional[str] = None             # the boot marker before the kexec
+    resend_kexec: bool = False               # resumed after kexec_requested: see resend_kexec
     values: Optional[dict[str, Any]] = None  # the agent steps' named arguments (pushed files)
     report: Optional[dict] = None
 
@@ -100,8 +101,12 @@ class HostSteps:
                 "initrd": self.acc.push(t.initrd) if t.initrd else None,
                 "page_size": self.host.page_size, "sha256": k.sha256, "cmdline": t.cmdline,
                 "release_before_verify": self.pb.release_before_verify,
-                # the playbook's kexec_method wins over the host's kho_kexec_method
-                "kexec_method": self.pb.kexec_method or self.host.kexec_method,
+                **self.kexec_values()}
+
+    def kexec_values(self) -> dict[str, Any]:
+        """The kexec step's named arguments (no files): the playbook's kexec_method wins
+        over the host's kho_kexec_method."""
+        return {"kexec_method": self.pb.kexec_method or self.host.kexec_method,
                 "allow_fdstore_loss": self.pb.allow_fdstore_loss}
 
     def agent(self, step: str, *args: str, timeout: float = 300.0) -> AgentCall:
@@ -134,11 +139,48 @@ class HostSteps:
             return StepResult(finished=self.final_report(call.json))   # it found a problem
         return None
 
+    def resend_kexec(self, run: HostRun) -> None:
+        """On resume after kexec_requested: a host still answering from the boot recorded
+        before the kexec may never have been told to kexec (the engine died in between).
+        Ask again; the agent's claim makes it at most once per boot and handover (exit 4:
+        it had already started, so only wait). A host in another boot, or not answering,
+        is left to wait_back."""
+        try:
+            now = self.acc.boot_marker()
+        except HostUnreachable:
+            return
+        if run.marker is None or now != run.marker:
+            return
+        s = lifecycle.step("kexec")
+        try:
+            call = self.acc.agent(s.name, *lifecycle.agent_argv(s, self.kexec_values()),
+                                  timeout=self.timeout(s.timeout))
+        except HostUnreachable as e:               # it went down: the kexec is under way
+            self._log("kexec re-sent, connection dropped", str(e))
+            return
+        if call.rc == 4:
+            self._log("kexec already started", call.reason or "the agent's claim is there")
+        elif call.rc != 0:
+            try:
+                gone = self.acc.boot_marker() != run.marker
+            except HostUnreachable:
+                gone = True
+            if not gone:
+                raise HostFailed(s.name, call.reason)
+            self._log("kexec under way", f"the host left boot {run.marker} meanwhile "
+                      f"({call.reason})")
+        else:
+            self._log("kexec re-sent", f"host was still in boot {run.marker}: the kexec had "
+                      "not reached it")
+
     def perform(self, s: lifecycle.Step, run: HostRun) -> StepResult:
         """Carry out step `s` (HostFailed, TransportError or OSError when it fails)."""
         if s.kind == "begin":
             return StepResult()
         if s.kind == "wait_back":
+            if run.resend_kexec:
+                run.resend_kexec = False
+                self.resend_kexec(run)
             timeout = self.timeout("boot")
             try:
                 self.acc.wait_back(run.marker, timeout)

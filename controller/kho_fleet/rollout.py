@@ -246,6 +246,7 @@ class Rollout:
             steps.connect()
             if action == "reconnect_verify":
                 run.marker = self._last_marker(name)
+                run.resend_kexec = self.db.host(name).state == "kexec_requested"
                 self.db.log("reconnect", f"resuming after kexec (boot marker {run.marker})",
                             host=name)
             for current in lifecycle.steps_from(self.db.host(name).state):

@@ -5,7 +5,9 @@ synchronous=FULL) before the action it guards, so a controller killed at any mom
 resumes from the last committed state. The state that matters most is `kexec_requested`:
 it is written *before* the kexec command is sent and can be entered once per host, ever.
 A host found in kexec_requested, kexec_sent or down after a crash may or may not have
-kexec'd; it is reconnected to and verified, never kexec'd again (`resume_action`).
+kexec'd; it is reconnected to and verified, never kexec'd again (`resume_action`). One found
+in kexec_requested and still in the boot recorded before is asked once more; the agent's
+per-boot claim makes sure at most one of the two asks kexecs (HostSteps.resend_kexec).
 
 Host states, in order (any live state may also go to `failed`):
 

@@ -121,6 +121,10 @@ class Kernel(ABC):
         """CLOCK_REALTIME (epoch seconds) at which this kernel started."""
 
     @abstractmethod
+    def boot_id(self) -> str:
+        """A token that differs in every boot, kexec included (and is fit for a file name)."""
+
+    @abstractmethod
     def mem_available(self) -> int:
         """MemAvailable in bytes."""
 

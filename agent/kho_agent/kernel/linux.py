@@ -30,6 +30,7 @@ import fcntl
 import mmap
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
@@ -228,6 +229,17 @@ class LinuxKernel(Kernel):
 
     def page_size(self) -> int:
         return int(os.sysconf("SC_PAGE_SIZE"))
+
+    def boot_id(self) -> str:
+        """/proc/sys/kernel/random/boot_id (a fresh UUID every boot); else boot_time()."""
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                token = f.read().strip()
+        except OSError:
+            token = ""
+        if re.fullmatch(r"[0-9a-fA-F-]{8,64}", token):
+            return token
+        return f"boot-{self.boot_time():.0f}"
 
     def boot_time(self) -> float:
         """Epoch seconds at which this kernel started: now(CLOCK_REALTIME) - now(CLOCK_BOOTTIME).

@@ -207,6 +207,9 @@ class TwinKernel(Kernel):
     def boot_time(self) -> float:
         return float(self._read("proc/btime"))
 
+    def boot_id(self) -> str:
+        return f"twin-boot-{int(self.status().get('boot_count') or 0)}"
+
     def mem_available(self) -> int:
         for line in self._read("proc/meminfo").splitlines():
             if line.startswith("MemAvailable:"):

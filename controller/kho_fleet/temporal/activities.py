@@ -123,7 +123,7 @@ class HostStepActivities:
             acc.prepare(power_on=bool(job.get("power_on")))
             steps = HostSteps(acc, ro.art, ro.pb, host, log=log, commit_first=committed)
             steps.connect()
-            run = HostRun(marker=job.get("marker"))
+            run = HostRun(marker=job.get("marker"), resend_kexec=bool(job.get("resend_kexec")))
             for current in inp["steps"]:
                 if current == MARKER_STEP:
                     marker = acc.boot_marker()

@@ -16,10 +16,12 @@ The at-most-once rule: the phase before the kexec ends by reading the boot marke
 workflow then records `kexec_requested` in its own state and only then schedules the kexec
 phase (kexec, wait_back, verify, report) for that host alone, with
 RetryPolicy(maximum_attempts=1); once that activity ended in any way but a refusal by the
-agent, the host only waits for a new boot and is verified (a retryable phase) -- a kexec is
-never scheduled twice for a host. A phase no worker of the host's site takes within
-`worker_wait_s` fails the host ("no worker of site X ..."); until then `kho-fleet status`
-shows it waiting.
+agent, the host only waits for a new boot and is verified (a retryable phase) -- a kexec
+step is never scheduled twice for a host. When that activity's outcome is unknown, the wait
+asks the agent once more if the host is still in the recorded boot (HostSteps.resend_kexec):
+the agent's per-boot claim lets at most one of the two asks kexec. A phase no worker of the
+host's site takes within `worker_wait_s` fails the host ("no worker of site X ..."); until
+then `kho-fleet status` shows it waiting.
 
 Deterministic: no I/O, time from workflow.now(), every host-touching act an activity.
 Signals: abort(reason), proceed() (after a `pause: manual` stage), release (a batch's freed
@@ -228,8 +230,11 @@ class HostBatchWorkflow:
         site = self.inp["sites"][name]
         key = (site, tuple(steps), at_most_once)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        state = self.rows[name]["state"]
         job = {"host": name, "marker": marker, "fut": fut,
-               "power_on": self.rows[name]["state"] in lifecycle.states_before_kexec()}
+               "power_on": state in lifecycle.states_before_kexec(),
+               # the kexec's outcome is unknown: the host may never have been told
+               "resend_kexec": steps[0] == "wait_back" and state == "kexec_requested"}
         if at_most_once:        # alone: a lost kexec activity leaves one host unknown, not many
             asyncio.get_running_loop().create_task(self._group(key, [job]))
             return await fut
@@ -266,8 +271,8 @@ class HostBatchWorkflow:
                 "inventory": self.inp["inventory"],
                 "inventory_sha256": self.inp["inventory_sha256"], "sim_dir": self.inp["sim_dir"],
                 "steps": list(steps),
-                "hosts": [{"host": j["host"], "marker": j["marker"], "power_on": j["power_on"]}
-                          for j in jobs]}
+                "hosts": [{"host": j["host"], "marker": j["marker"], "power_on": j["power_on"],
+                           "resend_kexec": j["resend_kexec"]} for j in jobs]}
         retry = RetryPolicy(maximum_attempts=1) if at_most_once else RetryPolicy(
             initial_interval=timedelta(seconds=1), maximum_attempts=int(self.inp["attempts"]))
         err: Optional[Exception] = None
