@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Optional
 
@@ -197,37 +198,48 @@ class Holder:
         spec = parse_spec(req["spec"], "spec")
         ps = self.kernel.page_size()
         records: list[JournalWorkload] = []
-        # one digest at a time beside the preserve; it hashes in threads of its own
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest") as pool:
-            for s in spec.sessions:
-                if not s.memfds:
-                    self._session(s.name)     # empty: preserved with no files (journal says so)
-                for m in s.memfds:
-                    key = (s.name, m.token)
-                    if m.adopt or key in self.records:
-                        continue
-                    if key in self.fds:
-                        fd = self.fds[key]
-                        size = os.fstat(fd).st_size
-                        dg = self._digest_fd(fd, size, adopted=True)
-                        records.append(self._preserve(s.name, m.token, fd, size, "carried", dg))
-                        records[-1].props = self._props_before(fd, None, None, size)
-                        continue
-                    fd, pending = _created_memfd(f"kho-{s.name}-{m.token}", m, ps, pool)
-                    try:
+        new = [(s.name, m) for s in spec.sessions for m in s.memfds
+               if not (m.adopt or (s.name, m.token) in self.records
+                       or (s.name, m.token) in self.fds)]
+        # A pipeline on two cores: the memfds are filled two at a time ahead of the loop,
+        # each one's digests run (one memfd at a time, in threads of their own) while the
+        # kernel preserves it, and the loop preserves them in the spec's order.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest") as digests, \
+                ThreadPoolExecutor(max_workers=2, thread_name_prefix="fill") as fills:
+            made = {(name, m.token): fills.submit(_created_memfd, f"kho-{name}-{m.token}", m,
+                                                  ps, digests) for name, m in new}
+            try:
+                for s in spec.sessions:
+                    if not s.memfds:
+                        self._session(s.name)  # empty: preserved with no files (journal says so)
+                    for m in s.memfds:
+                        key = (s.name, m.token)
+                        if key not in made:
+                            if key in self.fds and key not in self.records and not m.adopt:
+                                records.append(self._preserve_carried(s.name, m.token))
+                            continue
+                        fd, pending = made[key].result()
                         if m.huge is not None:
                             self.kernel.shmem_huge_hint(fd, m.huge)
                         # PRESERVE_FD fills holes (memfd_pin_folios): measure them before
                         holes = read_holes(fd, m.size)[0] if m.holes else []
-                        # a memfd with holes is not the plain pattern: no seed to regenerate it
+                        # a memfd with holes is not the plain pattern: no seed to regenerate
                         records.append(self._preserve(s.name, m.token, fd, m.size, "created",
                                                       pending, None if m.holes else m.seed))
-                    except BaseException:
-                        wait([pending])               # its thread reads fd: let it finish first
-                        os.close(fd)
-                        raise
-                    records[-1].props = self._props_before(fd, m, holes, m.size)
+                        records[-1].props = self._props_before(fd, m, holes, m.size)
+            except BaseException:
+                _close_unheld(made.values(), set(self.fds.values()))
+                raise
         return {"workloads": [w.to_json() for w in records]}
+
+    def _preserve_carried(self, session: str, token: int) -> JournalWorkload:
+        """Preserve again, as it is, a memfd this holder holds from the previous handover."""
+        fd = self.fds[(session, token)]
+        size = os.fstat(fd).st_size
+        rec = self._preserve(session, token, fd, size, "carried",
+                             self._digest_fd(fd, size, adopted=True))
+        rec.props = self._props_before(fd, None, None, size)
+        return rec
 
     def _props_before(self, fd: int, m: Optional[MemfdSpec],
                       holes: Optional[list[list[int]]], size: int) -> dict[str, Any]:
@@ -549,6 +561,20 @@ class Holder:
             for s in list(self.sessions.values()) + list(self.incoming.values()):
                 s.close()
             self.lu.close()
+
+
+def _close_unheld(made: Iterable[Future[tuple[int, Future[FileDigest]]]],
+                  held: set[int]) -> None:
+    """After a failed preserve: close every created memfd the holder does not hold, once
+    its fill and digest threads are done with it."""
+    for f in made:
+        try:
+            fd, pending = f.result()
+        except BaseException:         # its fill failed: it closed its own memfd
+            continue
+        wait([pending])
+        if fd not in held:
+            os.close(fd)
 
 
 def _created_memfd(name: str, m: MemfdSpec, page_size: int,
