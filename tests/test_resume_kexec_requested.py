@@ -12,12 +12,16 @@ controller process as soon as `kexec_requested` is committed for host k1.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from test_rollout import _one_rollout, cli, inventory, playbook, twin_state
+from test_rollout import (
+    _one_rollout,
+    cli,
+    inventory,
+    playbook,
+    rollout_with_sitecustomize,
+    twin_state,
+)
 
 CRASH = '''\
 import os, signal
@@ -33,17 +37,9 @@ _s.StateDB.transition = _transition
 
 
 def _run_until_crash(sim: Path) -> None:
-    site = sim / "crash"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(CRASH)
     inv = inventory(sim, {"k1": None})
     pb = playbook(sim, [{"name": "all", "hosts": "all"}])
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "kho_fleet.cli", "rollout", "--playbook", str(pb),
-         "--inventory", str(inv), "--rollouts-dir", str(sim / "rollouts"),
-         "--reports-dir", str(sim / "reports"), "--sim-dir", str(sim / "sim")],
-        capture_output=True, text=True, timeout=300, cwd=sim, env=env)
+    proc = rollout_with_sitecustomize(sim, CRASH, inv, pb)
     assert proc.returncode == -9, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert {h.state for h in _one_rollout(sim).hosts()} == {"kexec_requested"}
     assert twin_state(sim, "k1")["boot_count"] == 1           # never told to kexec

@@ -56,6 +56,21 @@ def cli(tmp: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=timeout, cwd=tmp)
 
 
+def rollout_with_sitecustomize(tmp: Path, code: str, inv: Path,
+                                pb: Path) -> subprocess.CompletedProcess:
+    """`kho-fleet rollout` (real process) with `code` as a sitecustomize on its PYTHONPATH:
+    a fault placed at an exact moment (the agent processes it starts inherit it too)."""
+    site = tmp / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    return subprocess.run(
+        [sys.executable, "-m", "kho_fleet.cli", "rollout", "--playbook", str(pb),
+         "--inventory", str(inv), "--rollouts-dir", str(tmp / "rollouts"),
+         "--reports-dir", str(tmp / "reports"), "--sim-dir", str(tmp / "sim")],
+        capture_output=True, text=True, timeout=300, cwd=tmp,
+        env={**os.environ, "PYTHONPATH": str(site)})
+
+
 def twin_state(tmp: Path, host: str) -> dict:
     """The twin state file of sim host `host` (under tmp/sim)."""
     return json.loads((tmp / "sim" / host / "twin.state").read_text())

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from test_rollout import inventory, playbook, twin_state
+from test_rollout import inventory, playbook, rollout_with_sitecustomize, twin_state
 
 LINGER = '''\
 import atexit, sys, time
@@ -27,17 +25,9 @@ if sys.argv[1:2] == ["kexec"]:
 
 
 def test_agent_killed_by_the_reboot_it_asked_for_is_not_a_failure(sim: Path) -> None:
-    site = sim / "linger"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(LINGER)
     inv = inventory(sim, {"t1": None})
     pb = playbook(sim, [{"name": "all", "hosts": "all"}])
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "kho_fleet.cli", "rollout", "--playbook", str(pb),
-         "--inventory", str(inv), "--rollouts-dir", str(sim / "rollouts"),
-         "--reports-dir", str(sim / "reports"), "--sim-dir", str(sim / "sim")],
-        capture_output=True, text=True, timeout=300, cwd=sim, env=env)
+    proc = rollout_with_sitecustomize(sim, LINGER, inv, pb)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     st = twin_state(sim, "t1")
     assert st["boot_count"] == 2, st                      # one kexec, exactly
