@@ -41,12 +41,15 @@ __all__ = ["LabGuest", "LabKey", "GuestError", "lab_key", "free_port", "GUEST_AP
 # no_timer_check (x86): under TCG on a loaded host the kernel's IO-APIC timer check can miss
 # its ticks and panic ("IO-APIC + timer doesn't work!"), seen after a kexec while the machine
 # ran a kernel build beside the lab; virtual machines commonly boot with it.
+# tsc=reliable (x86): no clocksource watchdog on the TSC. Under TCG at load the watchdog
+# judged it unstable 167 s into the seventh boot of one guest and switched to hpet; the
+# text patching of that switch oopsed (int3 in ktime_get) and the kernel panicked.
 GUEST_APPEND = ("root=/dev/vda rw console=ttyS0 net.ifnames=0 kho=on liveupdate=on "
-                "panic=-1 no_timer_check")
+                "panic=-1 no_timer_check tsc=reliable")
 # arm64 guests: qemu-system-aarch64 -M virt -cpu max (TCG; pauth-impdef: QEMU's cheap pointer
 # authentication, the architected one costs much under TCG), PL011 console ttyAMA0.
 ARM64_APPEND = GUEST_APPEND.replace("console=ttyS0", "console=ttyAMA0").replace(
-    " no_timer_check", "")
+    " no_timer_check tsc=reliable", "")
 _ARCH_QEMU = {"x86_64": ("qemu-system-x86_64", "q35", ()),
               "arm64": ("qemu-system-aarch64", "virt", ("-cpu", "max,pauth-impdef=on"))}
 PathLike = Union[str, Path]

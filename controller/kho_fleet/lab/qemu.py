@@ -21,7 +21,8 @@ from kho_fleet.lab.qmp import QMPClient, QMPError
 
 from ..errors import KhoFleetError
 
-DEFAULT_APPEND = "console=ttyS0 kho=on liveupdate=on panic=-1 no_timer_check rdinit=/init"
+DEFAULT_APPEND = ("console=ttyS0 kho=on liveupdate=on panic=-1 no_timer_check tsc=reliable "
+                  "rdinit=/init")
 # Serial lines that mean the guest will never reach the marker.
 DEFAULT_FAIL_PATTERNS = ("Kernel panic - not syncing",)
 
