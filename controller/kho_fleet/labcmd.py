@@ -184,7 +184,10 @@ def cmd_build_rootfs(args: argparse.Namespace) -> int:
                            suite=args.suite, arch=args.arch) is not None
     t0 = time.monotonic()
     with _Progress(f"root filesystem ({args.suite})") as p:
-        if not cached:
+        if not cached and args.arch == "arm64":
+            p.note("building: foreign debootstrap here (~1 min), then its second stage in "
+                   "an arm64 guest under TCG (~17-27 min, once), and mkfs.ext4 -d")
+        elif not cached:
             p.note("building: debootstrap (~1 min, once) and mkfs.ext4 -d")
         image = build_rootfs(args.cache, kernels[0], key.public, extra_kernels=extra,
                              suite=args.suite, arch=args.arch)
