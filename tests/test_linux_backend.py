@@ -129,6 +129,9 @@ def test_identity_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
                      if ln.startswith("btime ")))
     assert abs(k.boot_time() - btime) < 2.0
     assert k.boot_time() <= time.time()
+    # the kexec claim's per-boot token: the kernel's boot_id (a UUID), stable in one boot
+    assert k.boot_id() == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert k.boot_id() == k.boot_id() and "/" not in k.boot_id()
     assert 0 < k.mem_available() < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     monkeypatch.setenv("KHO_AGENT_STATE", str(tmp_path / "state"))
     assert k.state_dir() == str(tmp_path / "state") and (tmp_path / "state").is_dir()
