@@ -394,3 +394,22 @@ def test_no_spawn_site_names_the_twin_setting_by_hand() -> None:
                     # env=<kernel>.child_env(), or a name the same function set from it
                     assert env and "child_env(" in (ast.unparse(env[0]) + ast.unparse(func)), \
                         f"{rel}:{node.lineno}: spawn without env=<kernel>.child_env()"
+
+
+def test_each_command_parses_alone_as_in_the_full_parser(tmp_path: Path) -> None:
+    """main() builds only the named command's parser (cli.COMMANDS): the same commands, the
+    same options, the same one-line errors as the full parser."""
+    from kho_agent.cli import COMMANDS, build_parser
+    full = build_parser()
+    sub = next(a for a in full._actions if a.dest == "command")
+    assert tuple(sub.choices) == COMMANDS                          # type: ignore[attr-defined]
+    for name in COMMANDS:
+        one = build_parser(name)
+        (only,) = [a for a in one._actions if a.dest == "command"]
+        assert list(only.choices) == [name]                        # type: ignore[attr-defined]
+        opts = sorted(o for a in sub.choices[name]._actions       # type: ignore[attr-defined]
+                      for o in a.option_strings)
+        assert opts == sorted(o for a in only.choices[name]._actions  # type: ignore[attr-defined]
+                              for o in a.option_strings), name
+    for argv, name in ((["verify", "--bogus"], "--bogus"), (["bogus"], "'bogus'")):
+        assert_one_line_input_error(run_agent(argv, agent_env(), tmp_path), [name])

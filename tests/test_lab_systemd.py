@@ -253,6 +253,15 @@ def test_a_systemd_method_restores_at_boot_and_keeps_the_probe(lab: Lab) -> None
         assert boot["verified_by"] == "kho-agent-verify.service", (host, boot)
         dt = rep["downtime"]
         assert dt["blackout_s"] == dt["restored_s"] and dt["blackout_s"] > 0
+        # the boot unit ran the agent that staged, from its byte-compiled copy
+        # (kho_agent.bootcopy): the drop-in stage wrote, and the copy's .pyc files
+        dropin = lab.ssh("cat /etc/systemd/system/kho-agent-verify.service.d/"
+                         "50-kho-agent-paths.conf", host=host)
+        (copy,) = [ln.split("PYTHONPATH=", 1)[1].rstrip('"') for ln in dropin.splitlines()
+                   if "PYTHONPATH=" in ln]
+        assert "/store/" in copy and ".pyz.d/" in copy, dropin
+        assert lab.ssh(f"ls {copy}/COMPLETE {copy}/kho_agent/__pycache__/cli.*.pyc",
+                       host=host).count("\n") == 2
         FIGURES.setdefault("a", {})[host] = {
             "downtime": dt, "tree": boot["tree"],
             "kpageflags": boot["kpageflags"].get("workloads"),

@@ -193,3 +193,50 @@ def test_kho_agent_command_lines_parse_with_the_real_cli() -> None:
     assert verify_args.command == "verify" and report_args.command == "report"
     # the same state directory as the controller's steps (inventory kho_agent_dir + /state)
     assert verify_args.state_dir == report_args.state_dir == "/var/lib/kho-agent/state"
+
+
+def _boot_dropin() -> tuple[list[str], str]:
+    """The argv and drop-in text `stage` writes for the boot unit (holderstart.point_boot_unit)
+    on a host whose agent runs from /var/lib/kho-agent/store/X/kho-agent.pyz's copy."""
+    from kho_agent.systemdhost import VERIFY_UNIT, holder_dropin_text
+    copy = "/var/lib/kho-agent/store/ab/kho-agent.pyz.d/0123456789abcdef"
+    argv = ["/usr/bin/python3", "-S", "-m", "kho_agent", "verify", "--at-boot", "--json",
+            "--compact", "--state-dir", "/var/lib/kho-agent/state"]
+    return argv, holder_dropin_text(argv, {"PYTHONPATH": copy, "KHO_FLEET_DEBUG": "a b%c"},
+                                    VERIFY_UNIT)
+
+
+@needs_analyze
+def test_the_boot_unit_drop_in_verifies_clean(root: Path) -> None:
+    """The drop-in that points kho-agent-verify.service at the staging agent's byte-compiled
+    copy is valid systemd with the deployed unit, and replaces its command line."""
+    argv, text = _boot_dropin()
+    d = root / "etc/systemd/system/kho-agent-verify.service.d"
+    d.mkdir()
+    (d / "50-kho-agent-paths.conf").write_text(text)
+    rc, out = verify(root, "kho-agent-verify.service")
+    assert rc == 0 and out == "", out
+    u = read_unit("x", text)
+    assert [v for k, v in u["Service"] if k == "ExecStart"][0] == ""      # reset first
+    (cmd,) = [v for k, v in u["Service"] if k == "ExecStart"][1:]
+    assert shlex.split(cmd) == argv
+    args = build_parser().parse_args(argv[4:])
+    assert args.command == "verify" and args.at_boot
+    assert args.state_dir == "/var/lib/kho-agent/state"
+    assert 'Environment="KHO_FLEET_DEBUG=a b%%c"' in text          # % is a specifier
+
+
+def test_point_unit_leaves_hosts_without_the_unit_alone(tmp_path: Path) -> None:
+    from kho_agent.systemdhost import VERIFY_UNIT, linux_point_unit
+    line = linux_point_unit(VERIFY_UNIT, ["/usr/bin/python3"], {}, unit_dirs=[str(tmp_path)])
+    assert line == f"{VERIFY_UNIT} is not installed: nothing to point"
+
+
+def test_both_boot_time_units_run_with_a_larger_share() -> None:
+    """The blackout waits for the verify and the holder early in a boot: both get more CPU
+    and I/O weight and a higher priority than the services starting beside them."""
+    for name in ("kho-agent-verify.service", "kho-agent-holder.service"):
+        u = read_unit(name)
+        assert values(u, "Service", "CPUWeight") == ["1000"], name
+        assert values(u, "Service", "IOWeight") == ["1000"], name
+        assert values(u, "Service", "Nice") == ["-10"], name

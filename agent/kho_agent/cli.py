@@ -8,25 +8,24 @@ an internal error (KHO_FLEET_DEBUG=1 re-raises it for the traceback).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
-from . import __version__
-from .errors import InputError, KhoAgentError, one_line
-from .inspect import inspect_memory
-from .physmem import open_live_memory, open_memory
+AGENT_START = time.time()     # the agent's own start, for the downtime breakdown
 
-if TYPE_CHECKING:                 # imported where used: `--version` stays cheap
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import TYPE_CHECKING, Any, NoReturn, Optional  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .errors import InputError, KhoAgentError, one_line  # noqa: E402
+
+if TYPE_CHECKING:   # imported where used: `--version` and the boot unit's verify start fast
     from .handover import Agent
     from .kernel import Kernel
     from .workload import WorkloadSpec
-
-AGENT_START = time.time()     # the agent's own start, for the downtime breakdown
 DEBUG_ENV = "KHO_FLEET_DEBUG"
 
 EXIT_INTERNAL = 70       # a bug in the agent (sysexits EX_SOFTWARE), never caused by input
@@ -36,8 +35,28 @@ class UsageError(InputError):
     """Bad input: exit 2."""
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, but python >= 3.14's colour theme (the _colorize module) is
+    loaded only when help text is formatted: 3.14's argparse builds a formatter for every
+    add_argument, and importing _colorize took 1-2 s of an emulated host's early boot, in
+    the blackout. Python < 3.14 never calls _set_color."""
+
+    def _set_color(self, color: bool) -> None:
+        self._kho_color = color
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("_theme", "_decolor") and "_kho_color" in self.__dict__:
+            super()._set_color(self.__dict__.pop("_kho_color"))    # type: ignore[misc]
+            return getattr(self, name)
+        raise AttributeError(name)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (UsageError, exit 2) instead of usage text."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        kw.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kw)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
@@ -143,6 +162,8 @@ def _read_input(path: str, option: str) -> bytes:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Decode KHO/LUO state from this host's memory (or an image) as JSON."""
+    from .inspect import inspect_memory
+    from .physmem import open_live_memory, open_memory
     fdt = _read_input(args.fdt, "--fdt") if args.fdt else None
     if args.memory:
         mem = open_memory(args.memory, args.memory_base)
@@ -285,7 +306,13 @@ def cmd_holder(args: argparse.Namespace) -> int:
     return run_holder(kernel, _state_dir(args) or kernel.state_dir())
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("inspect", "preflight", "stage", "preserve", "snapshot", "kexec", "verify",
+            "report", "release", "status", "holder")
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or (`only`) of that one: each step runs one, and
+    argparse takes seconds to build them all on an emulated host early in a boot."""
     p = _Parser(prog="kho-agent", description=__doc__)
     p.add_argument("--version", action="version", version=f"kho-agent {__version__}")
     common = _Parser(add_help=False)
@@ -294,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--state-dir", metavar="DIR", help="default /var/lib/kho-agent")
     common.add_argument("--twin", metavar="ROOT", help="act on the digital-twin host at ROOT "
                         "(default: $KHO_AGENT_TWIN, else this Linux host)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # prog given: argparse would format a usage line for it (and load 3.14's colours)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", prog=p.prog)
+
+    def want(*names: str) -> bool:
+        return only is None or only in names
 
     def add(name: str, func: Any, **kw: Any) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, parents=[common], help=func.__doc__.splitlines()[0],
@@ -302,14 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    ins = add("inspect", cmd_inspect)
-    ins.add_argument("--memory", metavar="PATH",
-                     help="memory image; default: this host (/dev/mem, else /proc/kcore)")
-    ins.add_argument("--memory-base", type=_u64, default=None, metavar="ADDR")
-    ins.add_argument("--fdt", metavar="PATH", help="KHO root FDT, e.g. debugfs kho/out/fdt")
-    ins.add_argument("--page-size", type=_page_size, default=4096, metavar="BYTES")
+    if want("inspect"):
+        ins = add("inspect", cmd_inspect)
+        ins.add_argument("--memory", metavar="PATH",
+                         help="memory image; default: this host (/dev/mem, else /proc/kcore)")
+        ins.add_argument("--memory-base", type=_u64, default=None, metavar="ADDR")
+        ins.add_argument("--fdt", metavar="PATH", help="KHO root FDT, e.g. debugfs kho/out/fdt")
+        ins.add_argument("--page-size", type=_page_size, default=4096, metavar="BYTES")
 
     for name, func in (("preflight", cmd_preflight), ("stage", cmd_stage)):
+        if not want(name):
+            continue
         sp = add(name, func)
         sp.add_argument("--kernel", metavar="IMAGE", required=name == "stage")
         sp.add_argument("--initrd", metavar="PATH")
@@ -324,29 +358,37 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--cmdline", default="reuse", metavar="reuse|STRING")
             sp.add_argument("--sha256", type=_sha256, metavar="HEX",
                             help="expected sha256 of the kernel")
-    add("preserve", cmd_preserve).add_argument("--spec", required=True, metavar="FILE",
-                                               help="workloads (JSON, or YAML with PyYAML)")
-    add("snapshot", cmd_snapshot)
-    kx = add("kexec", cmd_kexec)
-    kx.add_argument("--yes", action="store_true", help="really kexec into the staged kernel")
-    _kexec_method_args(kx)
-    vf = add("verify", cmd_verify)
-    vf.add_argument(
-        "--release-before-verify", action="store_true",
-        help="hand retrieved memfds back to waiting workloads before checking their bytes")
-    vf.add_argument("--at-boot", action="store_true",
-                    help="run by kho-agent-verify.service early in the boot (the report "
-                         "says who verified)")
-    vf.add_argument("--collect", action="store_true",
-                    help="only return the result of a verify that ran in this boot (waits "
-                         "for one still running); exit 3 when none ran")
-    add("report", cmd_report).add_argument("--textfile-dir", metavar="DIR",
-                                           help="also write kho-agent.prom here (node_exporter)")
-    rel = add("release", cmd_release)
-    rel.add_argument("--session")
-    rel.add_argument("--token", type=_u64)
-    add("status", cmd_status)
-    add("holder", cmd_holder)
+    if want("preserve"):
+        add("preserve", cmd_preserve).add_argument(
+            "--spec", required=True, metavar="FILE", help="workloads (JSON, or YAML with PyYAML)")
+    if want("snapshot"):
+        add("snapshot", cmd_snapshot)
+    if want("kexec"):
+        kx = add("kexec", cmd_kexec)
+        kx.add_argument("--yes", action="store_true", help="really kexec into the staged kernel")
+        _kexec_method_args(kx)
+    if want("verify"):
+        vf = add("verify", cmd_verify)
+        vf.add_argument(
+            "--release-before-verify", action="store_true",
+            help="hand retrieved memfds back to waiting workloads before checking their bytes")
+        vf.add_argument("--at-boot", action="store_true",
+                        help="run by kho-agent-verify.service early in the boot (the report "
+                             "says who verified)")
+        vf.add_argument("--collect", action="store_true",
+                        help="only return the result of a verify that ran in this boot (waits "
+                             "for one still running); exit 3 when none ran")
+    if want("report"):
+        add("report", cmd_report).add_argument(
+            "--textfile-dir", metavar="DIR", help="also write kho-agent.prom here (node_exporter)")
+    if want("release"):
+        rel = add("release", cmd_release)
+        rel.add_argument("--session")
+        rel.add_argument("--token", type=_u64)
+    if want("status"):
+        add("status", cmd_status)
+    if want("holder"):
+        add("holder", cmd_holder)
     return p
 
 
@@ -358,7 +400,9 @@ def _twin_env_set() -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one subcommand; every error is one line on stderr (see the module docstring)."""
     try:
-        args = build_parser().parse_args(argv)
+        words = list(sys.argv[1:] if argv is None else argv)
+        only = words[0] if words and words[0] in COMMANDS else None
+        args = build_parser(only).parse_args(words)
         return int(args.func(args))
     except KhoAgentError as e:
         print(f"kho-agent: {e.headline()}", file=sys.stderr)

@@ -9,14 +9,13 @@ import os
 import time
 from typing import Any, Optional
 
-from . import bootrestore, journal
+from . import bootcopy, bootrestore, journal
 from .digest import sha256_file
 from .errors import InputError, KhoAgentError, one_line
 from .holder import PEER_GONE, HolderClient, HolderError, holder_client
-from .holderstart import start_holder
+from .holderstart import point_boot_unit, queue_holder_unit, start_holder
 from .journal import IncomingTree, Journal, JournalTail, VerifyResult, WorkloadResult
 from .kernel import Kernel, KernelError, LiveUpdateError
-from .preflight import preflight, running_abi
 from .snapshot import read_incoming, take_snapshot
 from .state import AgentState, load_state, read_json, save_state, write_json
 from .systemdhost import decide, fdstore_counts
@@ -94,6 +93,7 @@ class Agent:
         if (self.state.phase in ("new", "preflight", "report", "verify")
                 or self.state.failure or self.state.aborted):
             self.state = AgentState()          # a new handover on this host
+        from .preflight import preflight  # not on the boot unit's path: imported here
         res = preflight(self.kernel, kernel_image=kernel_image, initrd=initrd,
                         workload_bytes=spec.total_bytes if spec else 0, page_size=page_size,
                         allow_unknown_abi=allow_unknown_abi, kexec_method=kexec_method,
@@ -121,6 +121,7 @@ class Agent:
         digest = sha256_file(kernel_image)
         if sha256 and digest != sha256.lower():
             raise self._fail("stage", f"{kernel_image}: sha256 {digest} != expected {sha256}")
+        from .preflight import preflight  # not on the boot unit's path: imported here
         res = preflight(self.kernel, kernel_image=kernel_image, initrd=initrd,
                         allow_unknown_abi=allow_unknown_abi)
         abi = [c for c in res.checks if c.name in ("abi", "target_image", "kexec_sig")
@@ -134,10 +135,15 @@ class Agent:
             self.kernel.kexec_load(kernel_image, initrd, None if reuse else line)
         except KernelError as e:
             raise self._fail("stage", f"kexec load failed: {e}") from None
+        # the agent the next boot runs (boot unit, holder unit): unpacked and byte-compiled
+        # now, outside the blackout (bootcopy.py), and the boot unit pointed at it
+        copy, copied = bootcopy.ensure()
         staged = {"kernel": os.path.abspath(kernel_image), "sha256": digest,
                   "initrd": os.path.abspath(initrd) if initrd else None, "cmdline": line,
                   "target": res.target, "running": res.running,
-                  "kexec_loaded": self.kernel.kexec_loaded()}
+                  "kexec_loaded": self.kernel.kexec_loaded(),
+                  "boot_agent": {"copy": copy, "detail": copied,
+                                 "unit": point_boot_unit(self.dir, self.kernel)}}
         self.state.staged = staged
         self.state.enter("stage")
         self._save()
@@ -199,7 +205,7 @@ class Agent:
         staged = self.state.staged or {}
         body = Journal(
             handover_id=self.state.handover_id, host=self.kernel.hostname(),
-            kernel_from=staged.get("running") or running_abi(self.kernel),
+            kernel_from=staged.get("running") or _running_abi(self.kernel),
             kernel_to={k: staged.get(k) for k in ("kernel", "sha256", "target")},
             snapshot=snap, stamps={h["phase"]: h["t"] for h in self.state.history})
         with self._holder() as h:
@@ -320,10 +326,9 @@ class Agent:
 
     def _verify_locked(self, agent_start: float, release_before_verify: bool, at_boot: bool,
                        collect: bool) -> dict:
-        prev = self._read_verify()
         boot_time = self.kernel.boot_time()
-        if (prev is not None and prev.t_restored and prev.kernel_boot_time is not None
-                and abs(prev.kernel_boot_time - boot_time) < 1.0):
+        prev = self._verified_in_this_boot(boot_time)
+        if prev is not None:
             # already verified in this boot (by the systemd unit, then the controller
             # collects): the sessions are FINISHed and held; say what was found then
             from .report import handover_report
@@ -345,6 +350,10 @@ class Agent:
             self.kernel, None if disk is None else disk.snapshot,
             [p for w in (disk.workloads if disk is not None else [])
              for p in runs_to_pfns(w.pfn_runs) if p], boot_time)
+        via_unit = self._via_unit(after_kexec=True)
+        if at_boot and via_unit and holder_client(self.dir) is None:
+            # the holder's interpreter starts while this one records what it read
+            queue_holder_unit(self.dir, self.kernel)
         tree = bootrestore.tree_record(raw_in, t_tree, boot_time)
         ok, no = bootrestore.verdicts(tree, pages)
         t_exec = None if disk is None else (disk.stamps.get("kexec_exec")
@@ -355,7 +364,6 @@ class Agent:
             bootrestore.VERIFIED_BY_UNIT if at_boot else bootrestore.VERIFIED_BY_CONTROLLER,
             boot_time, tree, pages, ok, no, stopped if sd_s is not None else None,
             sd_s, rest_s).to_json())
-        via_unit = self._via_unit(after_kexec=True)
         reply, lost_holder, checked, t_released = None, None, None, None
         for attempt in range(2):
             try:
@@ -407,7 +415,7 @@ class Agent:
                            kernel_boot_time=self.kernel.boot_time(),
                            t_restored=reply["t_restored"], t_verified=checked["t_verified"],
                            t_released=t_released, release=self.kernel.release(),
-                           running=running_abi(self.kernel),
+                           running=_running_abi(self.kernel),
                            sessions_lost=_str_dict(reply.get("sessions_lost")))
         write_json(self._path(VERIFY_FILE), out.to_json())
         if self.state.handover_id != jr.handover_id:
@@ -465,6 +473,18 @@ class Agent:
         sd = rec.get("systemd_shutdown_s")
         rep.downtime.systemd_shutdown_s = sd if isinstance(sd, (int, float)) else None
 
+    def _verified_in_this_boot(self, boot_time: float) -> Optional[VerifyResult]:
+        """verify.json when a verify of this boot wrote it (restored), else None; an older
+        boot's file is not parsed whole (the boot unit reads it first thing)."""
+        raw = read_json(self._path(VERIFY_FILE))
+        if not isinstance(raw, dict):
+            return self._read_verify() if raw is not None else None   # says what is wrong
+        t = raw.get("kernel_boot_time")
+        if not isinstance(t, (int, float)) or abs(t - boot_time) >= 1.0:
+            return None
+        prev = VerifyResult.from_json(raw, self._path(VERIFY_FILE))
+        return prev if prev.t_restored else None
+
     def _read_verify(self) -> Optional[VerifyResult]:
         """verify.json, if written; StateError/RecordError (exit 2) naming file and field."""
         path = self._path(VERIFY_FILE)
@@ -496,3 +516,9 @@ class Agent:
 def _str_dict(v: object) -> dict[str, str]:
     """{name: reason} from a holder reply field (anything else: empty)."""
     return ({str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else {})
+
+
+def _running_abi(kernel: Kernel) -> dict:
+    """preflight.running_abi, imported when needed (preflight pulls in the image readers)."""
+    from .preflight import running_abi
+    return running_abi(kernel)

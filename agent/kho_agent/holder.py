@@ -27,10 +27,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from . import journal
+from . import bootcopy, journal
 from .badpages import PAGE_CRC_MAX_BYTES
 from .chunkdigest import FileDigest, digest_bytes, digest_fd, digest_mapped, pack_crcs
 from .errors import KhoAgentError
@@ -38,6 +37,11 @@ from .fields import RecordError
 from .journal import Journal, JournalTail, JournalWorkload, WorkloadResult
 from .journal import parse_memfd as parse_journal
 from .kernel import Kernel, KernelError, LiveUpdate, LiveUpdateError, Session
+
+if TYPE_CHECKING:
+    # imported where used: concurrent.futures loads logging, traceback and (python 3.14)
+    # _colorize, which the boot unit's verify (a client of this module) does not need
+    from concurrent.futures import Future, ThreadPoolExecutor
 from .memfdprops import read_holes, read_props
 from .systemdhost import HOLDER_UNIT
 from .verify import verify_results
@@ -171,7 +175,7 @@ class Holder:
         sess = self._session(session)
         sess.preserve_fd(fd, token)
         self.fds[(session, token)] = fd
-        dg = digest.result() if isinstance(digest, Future) else digest
+        dg = digest if isinstance(digest, FileDigest) else digest.result()
         pfns = self.kernel.memfd_pfns(fd, size)
         rec = JournalWorkload(session, token, size, dg.sha256 or "", pfn_runs(pfns), source,
                               seed=seed)
@@ -201,6 +205,7 @@ class Holder:
         new = [(s.name, m) for s in spec.sessions for m in s.memfds
                if not (m.adopt or (s.name, m.token) in self.records
                        or (s.name, m.token) in self.fds)]
+        from concurrent.futures import ThreadPoolExecutor
         # A pipeline on two cores: the memfds are filled two at a time ahead of the loop,
         # each one's digests run (one memfd at a time, in threads of their own) while the
         # kernel preserves it, and the loop preserves them in the spec's order.
@@ -567,6 +572,7 @@ def _close_unheld(made: Iterable[Future[tuple[int, Future[FileDigest]]]],
                   held: set[int]) -> None:
     """After a failed preserve: close every created memfd the holder does not hold, once
     its fill and digest threads are done with it."""
+    from concurrent.futures import wait
     for f in made:
         try:
             fd, pending = f.result()
@@ -668,8 +674,7 @@ def spawn_holder(state_dir: str, kernel: Kernel, timeout: float = 90.0) -> Holde
     started for a twin host opens that twin's /dev/liveupdate, never this machine's.
     `timeout`: an arm64 lab guest (TCG, loaded host) took more than 15 s to start python
     from the zipapp; a holder that exits is reported at once."""
-    import kho_agent
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(kho_agent.__file__)))
+    pkg_root = bootcopy.code_root()         # the byte-compiled copy of the zipapp, if made
     env = kernel.child_env()
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log_path = os.path.join(state_dir, LOG)

@@ -36,7 +36,7 @@ __all__ = ["LUO_MIN_VERSION", "METHODS", "InitSystem", "FdStoreUnit", "MethodDec
            "linux_fdstore_units",
            "sd_notify", "listen_fds", "HOLDER_UNIT", "HOLDER_FDSTORE_MAX", "holder_unit_text",
            "holder_dropin_text", "systemd_quote", "linux_start_unit", "HOLDER_UNIT_PATH",
-           "HOLDER_DROPIN_PATH"]
+           "HOLDER_DROPIN_PATH", "VERIFY_UNIT", "UNIT_DIRS", "linux_point_unit"]
 
 LUO_MIN_VERSION = 262           # the first systemd whose shutdown preserves FD stores via LUO
 METHODS = ("auto", "systemd", "direct")
@@ -49,6 +49,14 @@ HOLDER_FDSTORE_MAX = 4096                   # one session fd per preserved LUO s
 # back (a transient `systemd-run` unit, or one under /run, would be gone by then).
 HOLDER_UNIT_PATH = "/etc/systemd/system/" + HOLDER_UNIT
 HOLDER_DROPIN_PATH = "/etc/systemd/system/" + HOLDER_UNIT + ".d/50-kho-agent-paths.conf"
+# The boot unit (deploy/systemd/kho-agent-verify.service), installed by the operator: `stage`
+# points it at the agent that stages the handover with the same kind of drop-in (its copy
+# of the agent, byte-compiled: kho_agent.bootcopy), so the verify at boot is run by the
+# agent that preserved, and starts without compiling itself.
+VERIFY_UNIT = "kho-agent-verify.service"
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+             "/usr/lib/systemd/system", "/lib/systemd/system")
+DROPIN_NAME = "50-kho-agent-paths.conf"
 _SHOW_PROPS = ("Id", "FileDescriptorStorePreserve", "FileDescriptorStoreMax",
                "NFileDescriptorStore")
 _SYSTEMCTL_TIMEOUT = 30.0
@@ -326,15 +334,20 @@ FileDescriptorStoreMax={HOLDER_FDSTORE_MAX}
 FileDescriptorStorePreserve=yes
 ExecStart={_HOLDER_EXEC}
 LimitNOFILE=1048576
+# the workloads' blackout waits for it early in the next boot (deploy/systemd: same values)
+CPUWeight=1000
+IOWeight=1000
+Nice=-10
 TimeoutStartSec=5min
 TimeoutStopSec=30s
 """
 
 
-def holder_dropin_text(argv: Sequence[str], env: dict[str, str]) -> str:
-    """The drop-in that points the holder unit at this agent (its python, its zipapp or
-    package directory, its state dir, its environment)."""
-    lines = ["# Written by kho-agent: this host's agent paths for kho-agent-holder.service.",
+def holder_dropin_text(argv: Sequence[str], env: dict[str, str],
+                       unit: str = HOLDER_UNIT) -> str:
+    """The drop-in that points `unit` (the holder unit, or the boot unit) at this agent
+    (its python, its zipapp, copy or package directory, its state dir, its environment)."""
+    lines = [f"# Written by kho-agent: this host's agent paths for {unit}.",
              "[Service]", "ExecStart=", f"ExecStart={systemd_quote(argv)}"]
     def env_word(w: str) -> str:           # no $ expansion in Environment=, specifiers yes
         return '"' + w.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
@@ -428,12 +441,13 @@ def _write_if_changed(path: str, text: str) -> bool:
 
 
 def linux_start_unit(unit: str, argv: Sequence[str], env: dict[str, str],
-                     keep_config: bool = False) -> str:
+                     keep_config: bool = False, wait: bool = True) -> str:
     """Start `unit` (the holder unit) running `argv` with `env` through systemd: the unit
     file where none is loaded, the drop-in with these paths, daemon-reload when anything
     changed, then `systemctl start` (which returns once the holder said READY=1).
     `keep_config`: a drop-in already there stays as it is (after the kexec: no
-    daemon-reload early in the boot, and the holder is the agent that preserved). Returns
+    daemon-reload early in the boot, and the holder is the agent that preserved); `wait`
+    False: `systemctl start --no-block` (the start is only queued). Returns
     what was done, one line; raises OSError with systemctl's own words when it fails."""
     did = []
     show = _systemctl(["show", "--property=LoadState,FragmentPath", "--", unit]) or ""
@@ -441,21 +455,38 @@ def linux_start_unit(unit: str, argv: Sequence[str], env: dict[str, str],
     if props.get("LoadState") != "loaded" and _write_if_changed(
             "/etc/systemd/system/" + unit, holder_unit_text()):
         did.append(f"installed /etc/systemd/system/{unit}")
-    dropin = f"/etc/systemd/system/{unit}.d/50-kho-agent-paths.conf"
+    dropin = f"/etc/systemd/system/{unit}.d/{DROPIN_NAME}"
     if not (keep_config and os.path.exists(dropin)) and _write_if_changed(
             dropin, holder_dropin_text(argv, env)):
         did.append(f"wrote {dropin}")
     if did and _systemctl(["daemon-reload"]) is None:
         raise OSError(f"systemctl daemon-reload failed after: {'; '.join(did)}")
     try:
-        res = subprocess.run(["systemctl", "start", "--", unit], stdin=subprocess.DEVNULL,
+        res = subprocess.run(["systemctl", "start", *([] if wait else ["--no-block"]), "--",
+                              unit], stdin=subprocess.DEVNULL,
                              capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise OSError(f"systemctl start {unit}: {e}") from None
     if res.returncode != 0:
         raise OSError(f"systemctl start {unit}: "
                       f"{(res.stderr.strip().splitlines() or ['failed'])[-1]}")
-    return "; ".join(did + [f"systemctl start {unit}"])
+    return "; ".join(did + [f"systemctl start {'' if wait else '--no-block '}{unit}"])
+
+
+def linux_point_unit(unit: str, argv: Sequence[str], env: dict[str, str],
+                     unit_dirs: Sequence[str] = UNIT_DIRS) -> str:
+    """Point the installed `unit` (the boot unit) at `argv` and `env` with the drop-in,
+    daemon-reload when it changed, so the next boot's PID 1 runs them. Nothing when the
+    unit is not installed (the controller then verifies after the boot). Returns what was
+    done, one line; raises OSError with the path or systemctl's failure."""
+    if not any(os.path.isfile(os.path.join(d, unit)) for d in unit_dirs):
+        return f"{unit} is not installed: nothing to point"
+    dropin = f"/etc/systemd/system/{unit}.d/{DROPIN_NAME}"
+    if not _write_if_changed(dropin, holder_dropin_text(argv, env, unit)):
+        return f"{dropin}: already points at this agent"
+    if _systemctl(["daemon-reload"]) is None:
+        raise OSError(f"systemctl daemon-reload failed after writing {dropin}")
+    return f"wrote {dropin}"
 
 
 def sd_notify(message: str, fds: Sequence[int] = (), env: Optional[dict[str, str]] = None) -> bool:

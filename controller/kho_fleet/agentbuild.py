@@ -31,7 +31,33 @@ __all__ = ["AgentBuildError", "ENTRY_MODULES", "agent_modules", "build_agent"]
 
 PACKAGE = "kho_agent"
 ENTRY_MODULES = (f"{PACKAGE}.cli", f"{PACKAGE}.__main__")
-_MAIN = b"import sys\nfrom kho_agent.cli import main\nsys.exit(main())\n"
+# The zipapp's entry: run the agent from the byte-compiled copy of this very archive when
+# `stage` made one (kho_agent.bootcopy: python3 caches no bytecode for a zip), else from
+# the archive. KHO_AGENT_NO_COPY=1 runs from the archive (benchmarks).
+_MAIN = b"""import os
+import sys
+
+
+def _use_copy():
+    import hashlib
+    archive = os.path.dirname(os.path.abspath(__file__))
+    if os.environ.get("KHO_AGENT_NO_COPY") or not os.path.isfile(archive):
+        return
+    try:
+        with open(archive, "rb") as f:
+            name = hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:
+        return
+    copy = os.path.join(archive + ".d", name)
+    if os.path.isfile(os.path.join(copy, "COMPLETE")):
+        sys.path.insert(0, copy)
+
+
+_use_copy()
+from kho_agent.cli import main  # noqa: E402
+
+sys.exit(main())
+"""
 _EPOCH = (2026, 1, 1, 0, 0, 0)
 _IMPORT_ERRORS = frozenset({"ImportError", "ModuleNotFoundError"})
 

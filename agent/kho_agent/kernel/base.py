@@ -256,12 +256,17 @@ class Kernel(ABC):
         raise KernelError("adopting a session fd: not supported by this kernel backend")
 
     def start_unit(self, unit: str, argv: list[str], env: dict[str, str],
-                   keep_config: bool = False) -> str:
+                   keep_config: bool = False, wait: bool = True) -> str:
         """Start `argv` as the service `unit` through PID 1 (Type=notify, its FD store
         handed over in LISTEN_FDS); `keep_config`: a unit already configured runs as it
-        is. Returns what was done, one line."""
+        is; `wait` False: only queue the start. Returns what was done, one line."""
         raise KernelError(f"starting {unit} through PID 1: not supported by this kernel "
                           "backend")
+
+    def point_unit(self, unit: str, argv: list[str], env: dict[str, str]) -> str:
+        """Make the installed service `unit` run `argv` with `env` from the next boot on (a
+        drop-in); nothing when it is not installed. Returns what was done, one line."""
+        return f"{unit}: not configured by this kernel backend"
 
     def unit_pending(self, unit: str) -> bool:
         """`unit` is queued to start or starting (a boot unit that has not finished yet)."""

@@ -675,11 +675,18 @@ class LinuxKernel(Kernel):
         return LinuxSession(fd, name, incoming=True)
 
     def start_unit(self, unit: str, argv: list[str], env: dict[str, str],
-                   keep_config: bool = False) -> str:
+                   keep_config: bool = False, wait: bool = True) -> str:
         """The unit (installed where missing) with a drop-in of `argv` and `env`, then
         `systemctl start` (kho_agent.systemdhost.linux_start_unit)."""
         try:
-            return systemdhost.linux_start_unit(unit, argv, env, keep_config)
+            return systemdhost.linux_start_unit(unit, argv, env, keep_config, wait)
+        except OSError as e:
+            raise KernelError(str(e)) from None
+
+    def point_unit(self, unit: str, argv: list[str], env: dict[str, str]) -> str:
+        """kho_agent.systemdhost.linux_point_unit: the drop-in, daemon-reload if it changed."""
+        try:
+            return systemdhost.linux_point_unit(unit, argv, env)
         except OSError as e:
             raise KernelError(str(e)) from None
 

@@ -414,7 +414,7 @@ class TwinKernel(Kernel):
         self._systemd("fdstore_remove", unit=unit, name=name)
 
     def start_unit(self, unit: str, argv: list[str], env: dict[str, str],
-                   keep_config: bool = False) -> str:
+                   keep_config: bool = False, wait: bool = True) -> str:
         """The twin's PID 1 starts `argv` as `unit`, its FD store in LISTEN_FDS."""
         reply, _ = self._systemd("start_unit", unit=unit, argv=list(argv), env=dict(env))
         return f"twin PID 1 started {unit} (pid {reply.get('pid')})"
