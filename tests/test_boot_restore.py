@@ -300,3 +300,30 @@ def test_boot_unit_does_nothing_after_a_kexec_it_was_not_asked_for(
     assert r["rc"] == 0 and r["json"]["result"] == "none", r
     assert "no handover in flight" in r["json"]["reason"]
     assert not Path(plain_twin.root, "var/lib/kho-agent/verify.json").exists()
+
+
+def test_early_reads_before_any_unit_are_reported_beside_the_verify(
+        plain_twin: TwinHandle, tmp_path: Path) -> None:
+    """`kho-agent early` (what an initramfs hook runs) reads the incoming tree and
+    kpageflags only: it retrieves nothing, and the verify of the same boot reports its
+    reads in boot.early, earlier than its own."""
+    h = plain_twin
+    _kexec_and_boot(h, tmp_path)
+    r = run_agent(h.root, "early")
+    assert r["rc"] == 0, r["stderr"]
+    early = r["json"]
+    assert early["by"] == "initramfs" and early["tree"]["present"] is True
+    assert early["kpageflags"]["workloads"]["honoured"] is True
+    assert h.kernel().fdstore_units()                        # nothing retrieved yet
+    rep = run_agent(h.root, "verify")["json"]
+    _check_workloads(rep)
+    boot = rep["boot"]
+    assert boot["early"]["by"] == "initramfs"
+    assert boot["early"]["tree"]["read_s_after_kernel_start"] \
+        <= boot["tree"]["read_s_after_kernel_start"]
+    assert boot["early"]["kpageflags"] == early["kpageflags"]
+    # an early.json of another boot is not reported
+    _kexec_and_boot(h, tmp_path)
+    rep2 = run_agent(h.root, "verify")["json"]
+    _check_workloads(rep2)
+    assert rep2["boot"]["early"] is None

@@ -30,7 +30,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, Any, Union
+from typing import IO, Any, Optional, Union
 
 __all__ = ["atomic_open", "atomic_write", "atomic_write_json", "fsync_dir"]
 
@@ -85,8 +85,9 @@ def atomic_write(path: PathLike, data: bytes, *, mode: int = 0o644, fsync: bool 
         f.write(data)
 
 
-def atomic_write_json(path: PathLike, data: Any, *, fsync: bool = True, indent: int = 1,
-                      sort_keys: bool = False, mode: int = 0o644) -> None:
-    """atomic_write of `data` as JSON (with a final newline)."""
+def atomic_write_json(path: PathLike, data: Any, *, fsync: bool = True,
+                      indent: Optional[int] = 1, sort_keys: bool = False,
+                      mode: int = 0o644) -> None:
+    """atomic_write of `data` as JSON (with a final newline; `indent` None: one line)."""
     text = json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n"
     atomic_write(path, text.encode(), mode=mode, fsync=fsync)

@@ -38,6 +38,7 @@ __all__ = ["BOOT_FILE", "STOP_STAMP", "VERIFIED_BY_UNIT", "VERIFIED_BY_CONTROLLE
            "pages_record", "verdicts", "shutdown_spans"]
 
 BOOT_FILE = "boot.json"
+EARLY_FILE = "early.json"              # `kho-agent early`: the same reads, before any unit
 STOP_STAMP = "holder-stopped"          # epoch seconds, written at SIGTERM by the holder
 VERIFIED_BY_UNIT = "kho-agent-verify.service"
 VERIFIED_BY_CONTROLLER = "controller"
@@ -56,6 +57,9 @@ class BootRecord:
     holder_stopped: Optional[float] = None
     systemd_shutdown_s: Optional[float] = None     # kexec_exec -> the holder's stop stamp
     stopped_to_kernel_s: Optional[float] = None    # that stamp -> the new kernel's start
+    # the same reads made earlier in this boot by `kho-agent early` (an initramfs hook):
+    # {"by", "tree", "kpageflags", "established", "not_established"}
+    early: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -299,6 +299,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_early(args: argparse.Namespace) -> int:
+    """After a kexec, before any unit: read the incoming tree and kpageflags only."""
+    rec = _agent(args).early(args.by)
+    tree = rec["tree"]
+    _emit(args, rec, f"tree read {tree.get('read_s_after_kernel_start')} s after kernel "
+                     f"start: {tree.get('blocks_held')} of {tree.get('blocks_total')} "
+                     "snapshot blocks held")
+    return 0
+
+
 def cmd_holder(args: argparse.Namespace) -> int:
     """(internal) Run the holder process."""
     from .holder import run_holder
@@ -307,7 +317,7 @@ def cmd_holder(args: argparse.Namespace) -> int:
 
 
 COMMANDS = ("inspect", "preflight", "stage", "preserve", "snapshot", "kexec", "verify",
-            "report", "release", "status", "holder")
+            "early", "report", "release", "status", "holder")
 
 
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
@@ -378,6 +388,10 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         vf.add_argument("--collect", action="store_true",
                         help="only return the result of a verify that ran in this boot (waits "
                              "for one still running); exit 3 when none ran")
+    if want("early"):
+        add("early", cmd_early).add_argument(
+            "--by", default="initramfs", metavar="WHO",
+            help="what ran it, for the report (default: initramfs)")
     if want("report"):
         add("report", cmd_report).add_argument(
             "--textfile-dir", metavar="DIR", help="also write kho-agent.prom here (node_exporter)")

@@ -172,8 +172,8 @@ class Agent:
         """Start the holder and preserve every workload of `spec` through LUO."""
         with self._holder() as h:
             try:
-                h.call("preserve", spec=spec.to_json())
-                records, _ = h.call("records")     # the holder's list: created and adopted
+                # the reply lists every workload the holder preserved, created and adopted
+                records, _ = h.call("preserve", spec=spec.to_json())
             except HolderError as e:
                 raise self._fail("preserve", str(e)) from None
         out = {"workloads": records["workloads"], "spec": spec.to_json()}
@@ -339,17 +339,8 @@ class Agent:
         if collect:
             raise NothingToCollect("nothing to collect: no verify ran in this boot "
                                    "(kho-agent-verify.service did not run or failed early)")
-        try:
-            disk = journal.read_disk(self.dir)
-        except InputError:
-            disk = None    # the disk copy is the fallback: the memfd journal comes first
-        t_tree = time.time()          # the early reads, first thing (bootrestore.py)
-        raw_in = read_incoming(self.kernel, None if disk is None else disk.snapshot)
+        disk, raw_in, t_tree, pages = self._early_reads(boot_time)
         incoming = IncomingTree.from_json(raw_in, "incoming")
-        pages = bootrestore.pages_record(
-            self.kernel, None if disk is None else disk.snapshot,
-            [p for w in (disk.workloads if disk is not None else [])
-             for p in runs_to_pfns(w.pfn_runs) if p], boot_time)
         via_unit = self._via_unit(after_kexec=True)
         if at_boot and via_unit and holder_client(self.dir) is None:
             # the holder's interpreter starts while this one records what it read
@@ -363,7 +354,7 @@ class Agent:
         write_json(self._path(bootrestore.BOOT_FILE), bootrestore.BootRecord(
             bootrestore.VERIFIED_BY_UNIT if at_boot else bootrestore.VERIFIED_BY_CONTROLLER,
             boot_time, tree, pages, ok, no, stopped if sd_s is not None else None,
-            sd_s, rest_s).to_json())
+            sd_s, rest_s, self._early_of_this_boot(boot_time)).to_json())
         reply, lost_holder, checked, t_released = None, None, None, None
         for attempt in range(2):
             try:
@@ -432,6 +423,47 @@ class Agent:
         self.state.enter("verify")
         self._save()
         return rep.to_json()
+
+    def _early_reads(self, boot_time: float) -> tuple[Optional[Journal], dict, float,
+                                                        dict]:
+        """The reads made first thing after a kexec (bootrestore.py): the journal on
+        disk, the incoming tree (and when it was read), /proc/kpageflags of every
+        preserved page."""
+        try:
+            disk = journal.read_disk(self.dir)
+        except InputError:
+            disk = None    # the disk copy is the fallback: the memfd journal comes first
+        t_tree = time.time()
+        raw_in = read_incoming(self.kernel, None if disk is None else disk.snapshot)
+        pages = bootrestore.pages_record(
+            self.kernel, None if disk is None else disk.snapshot,
+            [p for w in (disk.workloads if disk is not None else [])
+             for p in runs_to_pfns(w.pfn_runs) if p], boot_time)
+        return disk, raw_in, t_tree, pages
+
+    def early(self, by: str) -> dict:
+        """Only the early reads (tree, kpageflags), recorded in early.json for the verify
+        of this boot to report beside its own: run by a hook earlier than any unit (an
+        initramfs), where the incoming tree may still be whole. Retrieves nothing."""
+        boot_time = self.kernel.boot_time()
+        _, raw_in, t_tree, pages = self._early_reads(boot_time)
+        tree = bootrestore.tree_record(raw_in, t_tree, boot_time)
+        ok, no = bootrestore.verdicts(tree, pages)
+        rec = {"by": by, "kernel_start": boot_time, "tree": tree, "kpageflags": pages,
+               "established": ok, "not_established": no}
+        write_json(self._path(bootrestore.EARLY_FILE), rec)
+        return rec
+
+    def _early_of_this_boot(self, boot_time: float) -> Optional[dict]:
+        """early.json when `kho-agent early` wrote it in this boot, else None."""
+        rec = read_json(self._path(bootrestore.EARLY_FILE))
+        if not isinstance(rec, dict):
+            return None
+        t = rec.get("kernel_start")
+        if not isinstance(t, (int, float)) or abs(t - boot_time) >= 1.0:
+            return None
+        return {k: rec.get(k) for k in ("by", "tree", "kpageflags", "established",
+                                         "not_established")}
 
     def _fdstores(self, rep: Any, after: bool) -> None:
         """The report's kexec_method and per-unit FD stores before/after the kexec

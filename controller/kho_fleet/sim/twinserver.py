@@ -682,10 +682,11 @@ class TwinServer:
         if self.device is not None:
             ino = {f"socket:[{i}]" for i in self.client_inodes}
             victims = _fd_holders(ino, set()) - self.exempt
-        self._kill(victims, "kill-agent-before-finish")
         assert self.host is not None
+        # recorded before the kill: whoever sees the holder die may read the state at once
         self.host.last_faults["kill-agent-before-finish"] = {"pids": sorted(victims)}
         self._write_state()
+        self._kill(victims, "kill-agent-before-finish")
 
 
 def stale_copy(now: bytes, at_preserve: Optional[bytes]) -> tuple[bytes, str]:
